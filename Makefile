@@ -1,0 +1,33 @@
+# One venv in .venv; torch pinned by constraints.txt so no CUDA wheels are pulled.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c constraints.txt
+CAMVID_DIR ?= ../shared/camvid
+export CAMVID_DIR
+
+.PHONY: install test test-fast lint run clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[dev]'
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+run: install
+	$(BIN)/segnet models
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

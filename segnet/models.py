@@ -1,0 +1,60 @@
+"""The one model registry: name -> constructor, as in the paper's naming (Table 1 and Table 6)."""
+
+from functools import partial
+
+from torch import nn
+
+from segnet.basic import BilinearInterpolation, FCNBasic, SegNetBasic
+from segnet.errors import SegNetError
+from segnet.vgg import SegNet
+
+MODELS = {
+    "segnet": SegNet,
+    "segnet-basic": SegNetBasic,
+    "segnet-basic-encoder-addition": partial(SegNetBasic, encoder_addition=True),
+    "segnet-basic-single-channel-decoder": partial(SegNetBasic, single_channel=True),
+    "fcn-basic": FCNBasic,
+    "fcn-basic-no-addition": partial(FCNBasic, addition=False),
+    "fcn-basic-no-dim-reduction": partial(FCNBasic, dim_reduction=False),
+    "fcn-basic-no-addition-no-dim-reduction": partial(FCNBasic, addition=False, dim_reduction=False),
+    "bilinear-interpolation": BilinearInterpolation,
+}
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def build_model(name: str, num_classes: int = 11, in_channels: int = 3, **options) -> nn.Module:
+    """Build a model by name; options go to its constructor (e.g. `dropout`, `vgg16_weights` for segnet)."""
+    if name not in MODELS:
+        raise SegNetError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    vgg16_weights = options.pop("vgg16_weights", None)
+    try:
+        model = MODELS[name](num_classes=num_classes, in_channels=in_channels, **options)
+    except TypeError as e:
+        raise SegNetError(f"model {name!r} does not take options {sorted(options)}: {e}") from e
+    if vgg16_weights is not None:
+        if not isinstance(model, SegNet):
+            raise SegNetError(f"vgg16_weights only applies to 'segnet', not {name!r}")
+        model.load_vgg16(vgg16_weights)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_summary(num_classes: int = 11) -> list[dict]:
+    """Name, parameter count and storage multiplier of every model, for `segnet models`."""
+    rows = []
+    for name in MODELS:
+        model = build_model(name, num_classes=num_classes)
+        rows.append(
+            {
+                "name": name,
+                "parameters": count_parameters(model),
+                "storage_multiplier": model.storage_multiplier,
+            }
+        )
+    return rows

@@ -1,0 +1,133 @@
+"""SegNet: the VGG16 encoder (13 convs) and its mirror-image decoder (13 convs), paper Fig. 2 and Sec. 3."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segnet.errors import SegNetError
+from segnet.layers import check_input_size, conv_bn, he_init, pool, unpool
+
+# VGG16's convolution widths per block (configuration D of Simonyan & Zisserman).
+VGG16_BLOCKS = [(64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)]
+DROPOUT_BLOCKS = (2, 3, 4)  # Bayesian SegNet's "centre" placement: after the three deepest blocks.
+
+
+def encoder_block(in_ch: int, widths: tuple[int, ...]) -> nn.Sequential:
+    layers, ch = [], in_ch
+    for w in widths:
+        layers.append(conv_bn(ch, w, 3))
+        ch = w
+    return nn.Sequential(*layers)
+
+
+def decoder_block(widths: tuple[int, ...], out_ch: int) -> nn.Sequential:
+    """Mirror of an encoder block: same widths, the last conv narrows to the next (shallower) block."""
+    outs = list(widths[1:][::-1]) + [out_ch]
+    ins = list(widths[::-1])
+    return nn.Sequential(*[conv_bn(i, o, 3) for i, o in zip(ins, outs)])
+
+
+class SegNet(nn.Module):
+    """The paper's SegNet: 13 + 13 convs with batch norm, decoders upsample by the encoder's pooling indices.
+
+    The last decoder conv (conv1_1_D in the authors' Caffe model) maps 64 channels to the classes, which
+    gives the 29.46M parameters of Table 6 for 11 classes.
+    """
+
+    storage_multiplier = 1  # pooling indices only
+    num_pools = 5
+
+    def __init__(self, num_classes: int = 11, in_channels: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.encoders = nn.ModuleList()
+        ch = in_channels
+        for widths in VGG16_BLOCKS:
+            self.encoders.append(encoder_block(ch, widths))
+            ch = widths[-1]
+        self.decoders = nn.ModuleList()
+        for i in reversed(range(len(VGG16_BLOCKS))):
+            out_ch = VGG16_BLOCKS[i - 1][-1] if i > 0 else VGG16_BLOCKS[0][0]
+            self.decoders.append(decoder_block(VGG16_BLOCKS[i], out_ch))
+        # The final decoder conv is the classifier: no batch norm, no ReLU.
+        self.decoders[-1][-1] = nn.Conv2d(VGG16_BLOCKS[0][0], num_classes, 3, padding=1)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        he_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x.shape[-2], x.shape[-1], self.num_pools)
+        stack = []
+        for i, enc in enumerate(self.encoders):
+            x, idx, size = pool(enc(x))
+            stack.append((idx, size))
+            if i in DROPOUT_BLOCKS:
+                x = self.dropout(x)
+        for j, dec in enumerate(self.decoders):
+            idx, size = stack.pop()
+            x = dec(unpool(x, idx, size))
+            if len(self.encoders) - 1 - j in DROPOUT_BLOCKS:
+                x = self.dropout(x)
+        return x
+
+    def load_vgg16(self, path: str | Path) -> None:
+        """Initialise the encoder from a local VGG16 or VGG16-BN state dict in torchvision's key layout."""
+        load_vgg16_encoder(self, path)
+
+
+def _encoder_convs(model: SegNet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    return [(unit[0], unit[1]) for block in model.encoders for unit in block]
+
+
+def load_vgg16_encoder(model: SegNet, path: str | Path) -> None:
+    """Copy torchvision `features.N.*` conv (and, for VGG16-BN, batch norm) weights into the encoder.
+
+    Never downloads; loads with weights_only=True so the file cannot run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegNetError(f"VGG16 weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise SegNetError(f"{path} is not a loadable torch state dict ({e.__class__.__name__}: {e})") from e
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SegNetError(f"{path} holds a {type(state).__name__}, expected a state dict")
+    conv_ids = sorted(
+        int(k.split(".")[1])
+        for k, v in state.items()
+        if k.startswith("features.") and k.endswith(".weight") and getattr(v, "ndim", 0) == 4
+    )
+    targets = _encoder_convs(model)
+    if len(conv_ids) != len(targets):
+        raise SegNetError(
+            f"{path} has {len(conv_ids)} conv layers under 'features.', expected the 13 of VGG16 "
+            "(torchvision's vgg16 or vgg16_bn key layout)"
+        )
+    with torch.no_grad():
+        for n, (conv, bn) in zip(conv_ids, targets):
+            w = state[f"features.{n}.weight"]
+            if w.shape != conv.weight.shape:
+                raise SegNetError(
+                    f"{path}: features.{n}.weight has shape {tuple(w.shape)}, "
+                    f"expected {tuple(conv.weight.shape)}"
+                )
+            conv.weight.copy_(w)
+            bn_key = f"features.{n + 1}.running_mean"
+            if bn_key in state:  # VGG16-BN: take its batch norm as well
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    src = state[f"features.{n + 1}.{name}"]
+                    dst = getattr(bn, name)
+                    if src.shape != dst.shape:
+                        raise SegNetError(
+                            f"{path}: features.{n + 1}.{name} has shape {tuple(src.shape)}, "
+                            f"expected {tuple(dst.shape)}"
+                        )
+                    dst.copy_(src)
+            else:  # plain VGG16 has a conv bias; fold it into the batch norm's shift
+                b = state.get(f"features.{n}.bias")
+                if b is not None:
+                    if b.shape != bn.bias.shape:
+                        raise SegNetError(f"{path}: features.{n}.bias has shape {tuple(b.shape)}")
+                    bn.running_mean.copy_(-b)

@@ -1,0 +1,105 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from segnet.metrics import ConfusionMatrix, boundary_f1, boundary_f1_per_image, segmentation_scores
+
+
+def test_scores_hand_computed_with_void():
+    # 3 classes, void = 3. Ground truth / prediction, one 2x4 image.
+    target = np.array([[[0, 0, 1, 1], [2, 2, 3, 3]]])
+    pred = np.array([[[0, 1, 1, 1], [2, 0, 2, 0]]])
+    s = segmentation_scores(pred, target, num_classes=3, ignore_index=3)
+    # non-void pixels: 6, correct: (0,0), (1,1) x2, (2,2) -> 4
+    assert s["global_accuracy"] == pytest.approx(4 / 6)
+    # recalls: class0 1/2, class1 2/2, class2 1/2
+    assert s["class_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    # IoU: class0 tp1 / (2 + 2 - 1), class1 2 / (2 + 3 - 2), class2 1 / (2 + 1 - 1); void preds ignored
+    ious = [1 / 3, 2 / 3, 1 / 2]
+    assert s["per_class_iou"] == pytest.approx(ious)
+    assert s["miou"] == pytest.approx(sum(ious) / 3)
+
+
+def test_class_absent_from_both_maps_is_left_out_of_the_means():
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    pred = torch.tensor([[[0, 0], [1, 0]]])
+    s = segmentation_scores(pred, target, num_classes=3, ignore_index=3)
+    assert math.isnan(s["per_class_iou"][2])
+    assert s["miou"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert s["class_accuracy"] == pytest.approx((1 + 0.5) / 2)
+
+
+def test_class_only_predicted_counts_in_miou_with_iou_zero():
+    target = torch.tensor([[[0, 0], [0, 0]]])
+    pred = torch.tensor([[[0, 0], [0, 1]]])
+    s = segmentation_scores(pred, target, num_classes=2, ignore_index=5)
+    assert s["per_class_iou"] == pytest.approx([3 / 4, 0.0])
+    assert s["miou"] == pytest.approx(3 / 8)
+    assert s["class_accuracy"] == pytest.approx(3 / 4)  # recall only over ground-truth classes
+
+
+def test_all_void_gives_nan_not_a_crash():
+    s = segmentation_scores(np.zeros((1, 2, 2)), np.full((1, 2, 2), 11))
+    assert math.isnan(s["global_accuracy"]) and math.isnan(s["miou"])
+
+
+def test_confusion_matrix_accumulates_like_one_call_and_sums_across_workers():
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 11, (6, 20, 30))
+    target = rng.integers(0, 12, (6, 20, 30))
+    whole = segmentation_scores(pred, target)
+    worker_a, worker_b = ConfusionMatrix(), ConfusionMatrix()
+    for i in range(0, 6, 2):
+        worker_a.update(pred[i : i + 1], target[i : i + 1])
+        worker_b.update(torch.from_numpy(pred[i + 1 : i + 2]), torch.from_numpy(target[i + 1 : i + 2]))
+    summed = ConfusionMatrix()
+    summed.matrix = worker_a.matrix + worker_b.matrix  # what all_reduce(SUM) does
+    assert summed.scores()["miou"] == pytest.approx(whole["miou"])
+    assert summed.scores()["global_accuracy"] == pytest.approx(whole["global_accuracy"])
+
+
+def _two_region_map(h=100, w=120, split=60):
+    m = np.zeros((h, w), dtype=np.int64)
+    m[:, split:] = 1
+    return m
+
+
+def test_bf_is_one_for_identical_maps():
+    t = _two_region_map()
+    t[10:30, 10:30] = 2
+    assert boundary_f1(t[None], t[None]) == pytest.approx(1.0)
+
+
+def test_bf_tolerates_shifts_within_and_drops_beyond_the_tolerance():
+    h, w = 100, 120  # diagonal 156.2 -> tolerance 1.17 px
+    t = _two_region_map(h, w, 60)
+    near = _two_region_map(h, w, 61)
+    far = _two_region_map(h, w, 70)
+    assert boundary_f1(near[None], t[None]) == pytest.approx(1.0)
+    assert boundary_f1(far[None], t[None]) == pytest.approx(0.0)
+
+
+def test_bf_ignores_predictions_on_void_pixels():
+    t = _two_region_map()
+    p = t.copy()
+    t[:, :10] = 11  # void strip
+    p[:, :10] = 1  # wrong class there, but it is void in the ground truth
+    assert boundary_f1(p[None], t[None]) == pytest.approx(1.0)
+
+
+def test_bf_penalises_a_hallucinated_class():
+    t = _two_region_map()
+    p = t.copy()
+    p[40:50, 20:30] = 2  # a class absent from the ground truth
+    per_image = boundary_f1_per_image(p[None], t[None], num_classes=3)
+    # class 2: F1 0; classes 0 and 1 partly wrong boundary
+    assert per_image[0] < 2 / 3 + 1e-9
+
+
+def test_bf_averages_per_image_then_over_images():
+    t = _two_region_map()
+    far = _two_region_map(split=90)
+    both = boundary_f1(np.stack([t, far]), np.stack([t, t]))
+    assert both == pytest.approx((1.0 + boundary_f1(far[None], t[None])) / 2)

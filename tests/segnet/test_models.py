@@ -1,0 +1,196 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from segnet import SegNetError, build_model, count_parameters, list_models
+from segnet.layers import pool, unpool
+
+# Table 1 (decoder variants, SegNet-Basic encoder) and Table 6 (SegNet), in millions, 11 classes.
+PAPER_PARAMS = {
+    "segnet": 29.5,
+    "bilinear-interpolation": 0.625,
+    "segnet-basic": 1.425,
+    "segnet-basic-encoder-addition": 1.425,
+    "segnet-basic-single-channel-decoder": 0.625,
+    "fcn-basic": 0.65,
+    "fcn-basic-no-addition": 0.65,
+    "fcn-basic-no-dim-reduction": 1.625,
+    "fcn-basic-no-addition-no-dim-reduction": 1.625,
+}
+PAPER_STORAGE = {
+    "segnet": 1,
+    "bilinear-interpolation": 0,
+    "segnet-basic": 1,
+    "segnet-basic-encoder-addition": 64,
+    "segnet-basic-single-channel-decoder": 1,
+    "fcn-basic": 11,
+    "fcn-basic-no-addition": 0,
+    "fcn-basic-no-dim-reduction": 64,
+    "fcn-basic-no-addition-no-dim-reduction": 0,
+}
+
+
+def test_registry_lists_all_nine_models():
+    assert sorted(list_models()) == sorted(PAPER_PARAMS)
+
+
+@pytest.mark.parametrize("name", list(PAPER_PARAMS))
+def test_parameter_count_within_3_percent_of_paper(name):
+    params = count_parameters(build_model(name)) / 1e6
+    assert abs(params - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.03, params
+
+
+@pytest.mark.parametrize("name", list(PAPER_STORAGE))
+def test_storage_multiplier_matches_table1(name):
+    assert build_model(name).storage_multiplier == PAPER_STORAGE[name]
+
+
+def test_segnet_has_13_encoder_and_13_decoder_convs():
+    model = build_model("segnet")
+    enc = [m for m in model.encoders.modules() if isinstance(m, nn.Conv2d)]
+    dec = [m for m in model.decoders.modules() if isinstance(m, nn.Conv2d)]
+    assert len(enc) == 13 and len(dec) == 13
+    assert [c.out_channels for c in enc] == [64, 64, 128, 128, 256, 256, 256] + [512] * 6
+    assert all(c.kernel_size == (3, 3) for c in enc + dec)
+    assert dec[-1].out_channels == 11
+
+
+def test_segnet_output_shape_at_camvid_size():
+    model = build_model("segnet").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 360, 480)).shape == (1, 11, 360, 480)
+
+
+@pytest.mark.parametrize("name", list(PAPER_PARAMS))
+@pytest.mark.parametrize("size", [(360, 480), (37, 53), (33, 64)])
+def test_output_shape_any_size(name, size):
+    model = build_model(name, num_classes=5, in_channels=4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 4, *size))
+    assert out.shape == (2, 5, *size)
+
+
+@pytest.mark.parametrize("name", ["segnet", "segnet-basic"])
+def test_too_small_input_is_a_clear_error(name):
+    with pytest.raises(SegNetError, match="at least"):
+        build_model(name)(torch.randn(1, 3, 8, 8))
+
+
+def test_unpool_restores_values_at_argmax_positions():
+    x = torch.randn(2, 3, 7, 9)
+    y, idx, size = pool(x)
+    up = unpool(y, idx, size)
+    assert up.shape == x.shape
+    flat_x, flat_up = x.flatten(2), up.flatten(2)
+    pos = idx.flatten(2)
+    # every pooled max lands where it came from, with its value
+    assert torch.equal(flat_up.gather(2, pos), flat_x.gather(2, pos))
+    assert torch.equal(flat_up.gather(2, pos), y.flatten(2))
+    # and everything else is zero
+    mask = torch.zeros_like(flat_up, dtype=torch.bool).scatter_(2, pos, True)
+    assert (flat_up[~mask] == 0).all()
+    assert mask.sum() == y.numel()
+
+
+@pytest.mark.parametrize("name", list(PAPER_PARAMS))
+def test_gradients_reach_every_parameter(name):
+    model = build_model(name).train()
+    x = torch.randn(2, 3, 48, 64)
+    target = torch.randint(0, 11, (2, 48, 64))
+    nn.functional.cross_entropy(model(x), target).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(SegNetError, match="segnet-basic"):
+        build_model("segnet-xl")
+
+
+def test_dropout_option_only_active_in_training():
+    model = build_model("segnet", dropout=0.5)
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, model(x))
+
+
+def _vgg16_state(bn: bool) -> dict:
+    """A state dict in torchvision's vgg16 / vgg16_bn key layout (random values)."""
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    state, i, ch = {}, 0, 3
+    for v in cfg:
+        if v == "M":
+            i += 1
+            continue
+        state[f"features.{i}.weight"] = torch.randn(v, ch, 3, 3)
+        state[f"features.{i}.bias"] = torch.randn(v)
+        if bn:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                state[f"features.{i + 1}.{name}"] = torch.rand(v)
+            state[f"features.{i + 1}.num_batches_tracked"] = torch.tensor(0)
+            i += 3
+        else:
+            i += 2
+        ch = v
+    state["classifier.0.weight"] = torch.randn(10, 10)
+    return state
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_vgg16_encoder_init_from_local_file(tmp_path, bn):
+    state = _vgg16_state(bn)
+    path = tmp_path / "vgg.pth"
+    torch.save(state, path)
+    model = build_model("segnet", vgg16_weights=path)
+    convs = [k for k in state if k.endswith(".weight") and state[k].ndim == 4]
+    assert torch.equal(model.encoders[0][0][0].weight, state[convs[0]])
+    assert torch.equal(model.encoders[4][2][0].weight, state[convs[-1]])
+    if bn:  # the batch norm right after the last conv: features.40 -> features.41
+        assert torch.equal(model.encoders[4][2][1].running_var, state["features.41.running_var"])
+
+
+def test_vgg16_file_with_wrong_shapes_is_refused(tmp_path):
+    state = _vgg16_state(False)
+    state["features.0.weight"] = torch.randn(64, 1, 3, 3)
+    path = tmp_path / "vgg.pth"
+    torch.save(state, path)
+    with pytest.raises(SegNetError, match=r"features\.0\.weight has shape \(64, 1, 3, 3\)"):
+        build_model("segnet", vgg16_weights=path)
+
+
+def test_vgg16_file_with_wrong_keys_is_refused(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.randn(64, 3, 7, 7)}, path)
+    with pytest.raises(SegNetError, match="expected the 13 of VGG16"):
+        build_model("segnet", vgg16_weights=path)
+
+
+def test_vgg16_file_that_pickles_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": nn.Linear(2, 2)}, path)  # a pickled module, not tensors
+    with pytest.raises(SegNetError, match="not a loadable"):
+        build_model("segnet", vgg16_weights=path)
+
+
+def test_segnet_models_json_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "models", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert set(rows) == set(PAPER_PARAMS)
+    for name, row in rows.items():
+        assert abs(row["parameters"] / 1e6 - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.03
+        assert row["storage_multiplier"] == PAPER_STORAGE[name]
