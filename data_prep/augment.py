@@ -1,0 +1,138 @@
+"""Albumentations pipelines and the torch input path for training and evaluation."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from data_prep.camvid import VOID
+from data_prep.shards import ShardReader
+from segnet.errors import SegNetError
+
+# ImageNet statistics: the VGG16 encoder SegNet starts from was trained on them.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    height: int = 360
+    width: int = 480
+    scale_min: float = 0.75
+    scale_max: float = 1.5
+    hflip: float = 0.5
+    jitter: float = 0.2  # brightness / contrast / saturation strength; 0 turns photometric jitter off
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'360x480' -> (360, 480)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise SegNetError(f"image size {text!r} is not HEIGHTxWIDTH, e.g. 360x480") from e
+    if h < 1 or w < 1:
+        raise SegNetError(f"image size {text!r} must be positive")
+    return h, w
+
+
+def train_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
+    """Random scale, crop to the training size (void padding), flip, photometric jitter.
+
+    Labels follow with nearest-neighbour interpolation, and padding is void, so no class is invented.
+    Scaling is relative to the training size, so a reduced-resolution run sees the same field of view.
+    """
+    steps = [
+        A.RandomScale(scale_limit=(cfg.scale_min - 1, cfg.scale_max - 1), p=1.0),
+        A.PadIfNeeded(cfg.height, cfg.width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=VOID),
+        A.RandomCrop(cfg.height, cfg.width),
+        A.HorizontalFlip(p=cfg.hflip),
+    ]
+    if cfg.jitter > 0:
+        j = cfg.jitter
+        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.8))
+    return A.Compose(
+        [A.Resize(cfg.height, cfg.width, mask_interpolation=cv2.INTER_NEAREST)] + steps,
+        mask_interpolation=cv2.INTER_NEAREST,
+        seed=seed,
+    )
+
+
+def eval_transform(height: int | None = None, width: int | None = None) -> A.Compose:
+    """Resize to the evaluation size, or keep the image as it is."""
+    steps = [] if height is None else [A.Resize(height, width, mask_interpolation=cv2.INTER_NEAREST)]
+    return A.Compose(steps)
+
+
+def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 HxWx3 -> uint8 3xHxW; uint8 HxW -> int64 HxW. Kept uint8 so loader workers move a quarter of
+    the bytes; `normalize` turns the batch into floats on the training device."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    return x, torch.from_numpy(np.ascontiguousarray(label)).long()
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) batch -> float, scaled to [0, 1] and standardised with ImageNet statistics."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+class ShardDataset(Dataset):
+    """A split of the shards as a torch Dataset, augmented per sample."""
+
+    def __init__(self, shard_dir: str | Path, split: str, transform: A.Compose | None = None):
+        self.reader = ShardReader(shard_dir, split)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.reader[i]
+        image, label = s["image"], s["label"]
+        if self.transform is not None:
+            out = self.transform(image=image, mask=label)
+            image, label = out["image"], out["mask"]
+        return to_tensors(image, label)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each loader worker gets its own augmentation stream, derived from torch's per-worker seed."""
+    info = torch.utils.data.get_worker_info()
+    t = info.dataset.transform
+    if t is not None:
+        t.set_random_seed(info.seed % 2**32)
+
+
+def make_loader(
+    dataset: ShardDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> DataLoader:
+    """DataLoader whose workers augment while the model trains; sharded by rank under DDP."""
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(
+            dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+    g = torch.Generator().manual_seed(seed + rank)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=_seed_worker,
+        generator=g,
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+    )

@@ -1,0 +1,324 @@
+"""CamVid -> Arrow IPC shards + manifest.json, written in parallel with Ray Data.
+
+Format: Arrow IPC files, one record batch per sample, so a reader fetches any sample by index from a
+memory-mapped file without copying; uncompressed by default (lz4 or zstd on request), the fastest to read
+of what was measured (README: "Shard format").
+"""
+
+import datetime as dt
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from data_prep.camvid import SPLITS, VOID, Pair, find_pairs, load_pair
+from segnet import CLASSES
+from segnet.errors import SegNetError
+from segnet.losses import class_weights
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+NUM_BINS = VOID + 1  # 11 classes and void, void last
+SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("image", pa.binary()),  # raw uint8 pixels, height x width x 3
+        ("label", pa.binary()),  # raw uint8 class indices, height x width
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image_sha256", pa.string()),
+        ("label_sha256", pa.string()),
+    ]
+)
+COMPRESSIONS = ("none", "lz4", "zstd")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name and rename into place, so a reader never sees a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def source_fingerprint(pairs: dict[str, list[Pair]]) -> str:
+    """Cheap identity of the source: every file's path, size and modification time."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        for p in pairs[split]:
+            for f in (p.image, p.label):
+                st = os.stat(f)
+                h.update(f"{split}|{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def write_shard(task: dict) -> dict:
+    """Decode, validate and write one shard; runs as a Ray Data task. Bad input comes back as `error`
+    (the message names the file) rather than an exception, so the driver can report it in one line."""
+    out = Path(task["out"]) / task["file"]
+    class_counts = np.zeros(NUM_BINS, dtype=np.int64)
+    image_counts = np.zeros(NUM_BINS, dtype=np.int64)
+    batches = []
+    try:
+        for pair in task["pairs"]:
+            s = load_pair(Pair(**pair))
+            h, w = s["label"].shape
+            bins = np.bincount(s["label"].reshape(-1), minlength=NUM_BINS)
+            class_counts += bins
+            image_counts += (bins > 0) * (h * w)
+            batches.append(
+                pa.record_batch(
+                    [
+                        [s["name"]],
+                        [s["image"].tobytes()],
+                        [s["label"].tobytes()],
+                        [h],
+                        [w],
+                        [s["image_sha256"]],
+                        [s["label_sha256"]],
+                    ],
+                    schema=SCHEMA,
+                )
+            )
+    except SegNetError as e:
+        return {"file": task["file"], "error": str(e)}
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    compression = None if task["compression"] == "none" else task["compression"]
+    options = ipc.IpcWriteOptions(compression=compression)
+    with ipc.new_file(str(tmp), SCHEMA, options=options) as writer:
+        for b in batches:
+            writer.write_batch(b)
+    digest = sha256_file(tmp)
+    os.replace(tmp, out)
+    return {
+        "split": task["split"],
+        "index": task["index"],
+        "file": task["file"],
+        "rows": len(batches),
+        "sha256": digest,
+        "class_pixel_counts": class_counts.tolist(),
+        "image_pixel_counts": image_counts.tolist(),
+        "error": "",
+    }
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise SegNetError(f"{shard_dir} holds no {MANIFEST}: run `segnet prepare` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SegNetError(f"{path} is not valid JSON ({e})") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise SegNetError(
+            f"{path} has schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}"
+        )
+    return manifest
+
+
+def manifest_id(shard_dir: str | Path) -> str:
+    """The data identity recorded with runs and models: the manifest file's sha256."""
+    return sha256_file(Path(shard_dir) / MANIFEST)
+
+
+def verify_shards(shard_dir: str | Path, manifest: dict, split: str | None = None) -> None:
+    """Refuse shards that are missing or whose checksum no longer matches the manifest."""
+    for name in [split] if split else list(manifest["splits"]):
+        if name not in manifest["splits"]:
+            raise SegNetError(f"{shard_dir}/{MANIFEST} has no split {name!r}")
+        for shard in manifest["splits"][name]["shards"]:
+            path = Path(shard_dir) / shard["file"]
+            if not path.is_file():
+                raise SegNetError(f"shard {path} listed in the manifest is missing")
+            if sha256_file(path) != shard["sha256"]:
+                raise SegNetError(f"shard {path} does not match its checksum in the manifest: refusing it")
+
+
+def _valid_existing(out: Path, fingerprint: str, limit: int | None, compression: str) -> bool:
+    try:
+        manifest = read_manifest(out)
+        if manifest.get("source_fingerprint") != fingerprint or manifest.get("limit") != limit:
+            return False
+        if manifest.get("compression") != compression:
+            return False
+        verify_shards(out, manifest)
+    except SegNetError:
+        return False
+    return True
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (`address` or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def prepare(
+    source: str | Path,
+    out: str | Path,
+    shard_size: int = 32,
+    limit: int | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    address: str | None = None,
+    compression: str = "none",
+    log=print,
+) -> dict:
+    """Build shards and manifest for every split; a no-op when the source is unchanged."""
+    import ray
+
+    if compression not in COMPRESSIONS:
+        raise SegNetError(f"unknown compression {compression!r}; choose one of: {', '.join(COMPRESSIONS)}")
+    if shard_size < 1:
+        raise SegNetError(f"--shard-size must be at least 1, got {shard_size}")
+    source, out = Path(source).resolve(), Path(out).resolve()
+    pairs = find_pairs(source, limit)
+    fingerprint = source_fingerprint(pairs)
+    out.mkdir(parents=True, exist_ok=True)
+    if not force and _valid_existing(out, fingerprint, limit, compression):
+        log(f"{out}/{MANIFEST} is up to date with {source}: nothing to do (use --force to rebuild)")
+        return read_manifest(out)
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest until every shard is good
+
+    tasks = []
+    for split in SPLITS:
+        chunks = [pairs[split][i : i + shard_size] for i in range(0, len(pairs[split]), shard_size)]
+        for i, chunk in enumerate(chunks):
+            tasks.append(
+                {
+                    "split": split,
+                    "index": i,
+                    "file": f"{split}-{i:05d}-of-{len(chunks):05d}.arrow",
+                    "out": str(out),
+                    "compression": compression,
+                    "pairs": [vars(p) for p in chunk],
+                }
+            )
+    init_ray(address, workers)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    results = []
+    for row in ds.map(write_shard, concurrency=workers).iter_rows():
+        results.append(row)
+        log(f"  shard {len(results)}/{len(tasks)}: {row['file']}" + (" FAILED" if row["error"] else ""))
+    errors = sorted(r["error"] for r in results if r["error"])
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SegNetError(errors[0] + more)
+
+    manifest = build_manifest(source, fingerprint, limit, compression, results)
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    keep = {MANIFEST} | {r["file"] for r in results}
+    for stale in out.iterdir():  # shards of an earlier, different build, and leftovers of interrupted ones
+        if stale.name not in keep and (stale.suffix == ".arrow" or ".tmp-" in stale.name):
+            stale.unlink()
+    counts = ", ".join(f"{s} {manifest['splits'][s]['num_images']}" for s in SPLITS)
+    log(f"wrote {len(results)} shards and {out}/{MANIFEST}: {counts}")
+    return manifest
+
+
+def build_manifest(
+    source: Path, fingerprint: str, limit: int | None, compression: str, results: list[dict]
+) -> dict:
+    splits = {}
+    for split in SPLITS:
+        rows = sorted((r for r in results if r["split"] == split), key=lambda r: r["index"])
+        splits[split] = {
+            "num_images": sum(r["rows"] for r in rows),
+            "shards": [{"file": r["file"], "rows": r["rows"], "sha256": r["sha256"]} for r in rows],
+            "class_pixel_counts": np.sum([r["class_pixel_counts"] for r in rows], axis=0).tolist(),
+            "image_pixel_counts": np.sum([r["image_pixel_counts"] for r in rows], axis=0).tolist(),
+        }
+    train = splits["train"]
+    k = len(CLASSES)
+    weights = {
+        mode: class_weights(train["class_pixel_counts"][:k], train["image_pixel_counts"][:k], mode).tolist()
+        for mode in ("median_frequency", "inverse_frequency")
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": "arrow-ipc, one record batch per sample",
+        "compression": compression,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(source),
+        "source_fingerprint": fingerprint,
+        "limit": limit,
+        "classes": list(CLASSES),
+        "void": VOID,
+        "splits": splits,
+        "class_weights": weights,
+    }
+
+
+class ShardReader:
+    """Random access to one split's samples, by index, from memory-mapped shards (checksums verified)."""
+
+    def __init__(self, shard_dir: str | Path, split: str, verify: bool = True):
+        self.manifest = read_manifest(shard_dir)
+        if verify:
+            verify_shards(shard_dir, self.manifest, split)
+        elif split not in self.manifest["splits"]:
+            raise SegNetError(f"{shard_dir}/{MANIFEST} has no split {split!r}")
+        self.files = [str(Path(shard_dir) / s["file"]) for s in self.manifest["splits"][split]["shards"]]
+        self.index = [
+            (f, i) for f, s in enumerate(self.manifest["splits"][split]["shards"]) for i in range(s["rows"])
+        ]
+        self._readers: dict[int, ipc.RecordBatchFileReader] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        f, row = self.index[i]
+        if f not in self._readers:  # opened lazily, so each DataLoader worker maps its own files
+            self._readers[f] = ipc.open_file(pa.memory_map(self.files[f]))
+        b = self._readers[f].get_batch(row)
+        h, w = b.column("height")[0].as_py(), b.column("width")[0].as_py()
+        return {
+            "name": b.column("name")[0].as_py(),
+            "image": np.frombuffer(b.column("image")[0].as_buffer(), np.uint8).reshape(h, w, 3),
+            "label": np.frombuffer(b.column("label")[0].as_buffer(), np.uint8).reshape(h, w),
+        }
+
+    def __getstate__(self):  # memory maps do not pickle; workers reopen them
+        return {**self.__dict__, "_readers": {}}
+
+
+def iter_samples(shard_dir: str | Path, split: str) -> Iterator[dict]:
+    """Every sample of a split in manifest order: `image` (uint8 HxWx3), `label` (uint8 HxW), `name`."""
+    reader = ShardReader(shard_dir, split)
+    for i in range(len(reader)):
+        yield reader[i]
+
+
+def ray_dataset(shard_dir: str | Path, split: str):
+    """A Ray Data dataset of a split's rows, for training with `iter_torch_batches`; checksums verified."""
+    import ray
+
+    manifest = read_manifest(shard_dir)
+    verify_shards(shard_dir, manifest, split)
+    tables = []
+    for shard in manifest["splits"][split]["shards"]:
+        with pa.memory_map(str(Path(shard_dir) / shard["file"])) as src:
+            tables.append(ipc.open_file(src).read_all())
+    return ray.data.from_arrow(tables)
