@@ -27,6 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 run: install
+	$(BIN)/segnet prepare --source $(CAMVID_DIR) --out shards
 	$(BIN)/segnet models
 
 clean:

@@ -8,6 +8,7 @@ of what was measured (README: "Shard format").
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -167,6 +168,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own per-shard lines show progress
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -216,6 +218,7 @@ def prepare(
                 }
             )
     init_ray(address, workers)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     results = []
     for row in ds.map(write_shard, concurrency=workers).iter_rows():

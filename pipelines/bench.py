@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.augment import AugmentConfig, to_tensors, train_transform
+from data_prep.augment import AugmentConfig, ShardDataset, make_loader, to_tensors, train_transform
 from data_prep.camvid import find_pairs
 from data_prep.shards import ShardReader, read_manifest
 
@@ -20,7 +20,14 @@ def _rate(fn, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_data(shard_dir: str | Path, source: str | Path, split: str = "train", n: int = 64, size=(360, 480)):
+def bench_data(
+    shard_dir: str | Path,
+    source: str | Path,
+    split: str = "train",
+    n: int = 64,
+    size=(360, 480),
+    loaders=False,
+):
     """Samples/s of the three input paths, one after the other in this process, on the same samples."""
     reader = ShardReader(shard_dir, split)
     n = min(n, len(reader))
@@ -58,4 +65,41 @@ def bench_data(shard_dir: str | Path, source: str | Path, split: str = "train", 
     figures["shard_vs_png_with_augment"] = (
         figures["shard_read_augment_per_s"] / figures["png_decode_augment_per_s"]
     )
+    if loaders:
+        figures.update(bench_loaders(shard_dir, split, size))
+    return figures
+
+
+def bench_loaders(shard_dir, split: str, size, batch_size: int = 12, workers: int = 2) -> dict:
+    """Augmented training samples/s over a whole split: torch DataLoader workers against Ray Data."""
+    import ray
+
+    from data_prep.shards import init_ray, ray_dataset
+
+    transform = train_transform(AugmentConfig(*size), seed=0)
+    loader = make_loader(
+        ShardDataset(shard_dir, split, transform), batch_size, shuffle=True, num_workers=workers
+    )
+    t0, n = time.perf_counter(), 0
+    for x, _ in loader:
+        n += len(x)
+    figures = {"dataloader_per_s": n / (time.perf_counter() - t0)}
+
+    init_ray(num_cpus=workers)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def augment(batch):
+        images, labels = [], []
+        for im, lb, h, w in zip(batch["image"], batch["label"], batch["height"], batch["width"]):
+            image = np.frombuffer(im, np.uint8).reshape(h, w, 3)
+            out = transform(image=image, mask=np.frombuffer(lb, np.uint8).reshape(h, w))
+            images.append(out["image"].transpose(2, 0, 1))
+            labels.append(out["mask"])
+        return {"image": np.stack(images), "label": np.stack(labels).astype(np.int64)}
+
+    ds = ray_dataset(shard_dir, split).map_batches(augment, batch_size=batch_size, batch_format="numpy")
+    t0, n = time.perf_counter(), 0
+    for batch in ds.iter_torch_batches(batch_size=batch_size):
+        n += len(batch["image"])
+    figures["ray_data_per_s"] = n / (time.perf_counter() - t0)
     return figures

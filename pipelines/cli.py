@@ -50,7 +50,9 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
     from data_prep.augment import parse_size
     from pipelines.bench import bench_data
 
-    figures = bench_data(args.data, args.source, args.split, args.samples, parse_size(args.image_size))
+    figures = bench_data(
+        args.data, args.source, args.split, args.samples, parse_size(args.image_size), args.loaders
+    )
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--image-size", default="360x480", help="augmentation output size HxW")
+    p.add_argument(
+        "--loaders", action="store_true", help="also time a DataLoader and Ray Data over the split"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_data)
     return parser

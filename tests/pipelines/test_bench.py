@@ -1,0 +1,28 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from data_prep import prepare
+
+
+@pytest.mark.slow
+def test_bench_data_prints_measured_figures(small_camvid, ray_local, tmp_path):
+    prepare(small_camvid, tmp_path / "shards", shard_size=2)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "bench", "data", "--data", str(tmp_path / "shards")]
+        + ["--source", str(small_camvid), "--samples", "2", "--image-size", "90x120", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    figures = json.loads(r.stdout)
+    for key in (
+        "png_decode_per_s",
+        "shard_read_per_s",
+        "png_decode_augment_per_s",
+        "shard_read_augment_per_s",
+    ):
+        assert figures[key] > 0
+    assert figures["samples"] == 2 and figures["manifest_images"] == 2
