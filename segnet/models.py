@@ -58,3 +58,9 @@ def model_summary(num_classes: int = 11) -> list[dict]:
             }
         )
     return rows
+
+
+def min_input_size(name: str) -> int:
+    """The smallest height and width the model takes: every pooling halves the map."""
+    ctor = MODELS[name]
+    return 2 ** getattr(ctor, "func", ctor).num_pools

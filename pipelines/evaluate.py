@@ -1,0 +1,59 @@
+"""`segnet evaluate`: G, C, mIoU, BF and per-class IoU of a checkpoint on a split, with PNGs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.shards import manifest_id, read_manifest, verify_shards
+from pipelines.plots import save_confusion_matrix, save_overlay
+from pipelines.train import display_image, eval_loader, evaluate_model, load_checkpoint, scores
+from segnet import CLASSES
+from segnet.errors import SegNetError
+
+
+def evaluate(
+    checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
+    batch_size: int = 4, overlays: int = 4,
+) -> dict:  # fmt: skip
+    """Score a checkpoint folder on a split at the size it was trained at, full-resolution labels."""
+    manifest = read_manifest(data)
+    verify_shards(data, manifest, split)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_checkpoint(checkpoint, device)
+    if meta["num_classes"] != len(manifest["classes"]):
+        have = len(manifest["classes"])
+        raise SegNetError(
+            f"checkpoint {checkpoint} predicts {meta['num_classes']} classes, {data} has {have}"
+        )
+    loader = eval_loader(str(data), split, meta["image_size"], batch_size)
+    cm, bf_sum, bf_n, examples = evaluate_model(model, loader, device, meta["num_classes"], keep=overlays)
+    result = scores(cm, bf_sum, bf_n, prefix="")
+    result["split"] = split
+    result["checkpoint"] = str(checkpoint)
+    result["data_manifest_sha256"] = manifest_id(data)
+    result["trained_on_manifest_sha256"] = meta.get("manifest_sha256")
+    out = Path(out) if out else Path(checkpoint) / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_confusion_matrix(
+        cm.numpy(), out / f"confusion_matrix_{split}.png", f"{meta['config']['model']}, {split}"
+    )
+    np.savetxt(out / f"confusion_matrix_{split}.csv", cm.numpy(), fmt="%d", delimiter=",")
+    for i, (x, pred, y) in enumerate(examples):
+        save_overlay(display_image(x, y.shape), pred.numpy(), y.numpy(), out / f"overlay_{split}_{i}.png")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    result["out"] = str(out)
+    return result
+
+
+def format_scores(result: dict) -> str:
+    lines = [
+        f"{result['split']}: G {result['global_accuracy']:.4f}  C {result['class_accuracy']:.4f}  "
+        f"mIoU {result['miou']:.4f}  BF {result['bf']:.4f}",
+        f"{'class':<12} {'IoU':>7}",
+    ]
+    for name in CLASSES:
+        iou = result[f"iou_{name}"]
+        lines.append(f"{name:<12} {iou:>7.4f}" if iou == iou else f"{name:<12} {'absent':>7}")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""PNGs people would rather look at: confusion matrix, prediction overlays, training curves."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from segnet import CLASSES  # noqa: E402
+
+# The SegNet CamVid palette (Sky .. Bicyclist), void black.
+PALETTE = np.array(
+    [
+        [128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
+        [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192], [0, 0, 0],
+    ],
+    dtype=np.uint8,
+)  # fmt: skip
+
+
+def colourise(label: np.ndarray) -> np.ndarray:
+    return PALETTE[np.clip(label, 0, len(PALETTE) - 1)]
+
+
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Class colours blended over the image; void pixels show the image alone."""
+    colours = colourise(label).astype(np.float32)
+    out = image.astype(np.float32)
+    mask = label < len(CLASSES)
+    out[mask] = (1 - alpha) * out[mask] + alpha * colours[mask]
+    return out.astype(np.uint8)
+
+
+def save_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray | None, path: Path) -> Path:
+    """Image | prediction overlay | ground-truth overlay, side by side."""
+    panels = [image, overlay(image, pred)]
+    if target is not None:
+        panels.append(overlay(image, target))
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+    return path
+
+
+def save_confusion_matrix(cm: np.ndarray, path: Path, title: str = "confusion matrix") -> Path:
+    """Row-normalised (recall per ground-truth class) confusion matrix."""
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=60, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    for i in range(len(norm)):
+        for j in range(len(norm)):
+            if norm[i, j] >= 0.01:
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_curves(history: list[dict], path: Path) -> Path:
+    """Training loss and validation G / C / mIoU / BF per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss")
+    for key, name in [("val_global_accuracy", "G"), ("val_class_accuracy", "C"), ("val_miou", "mIoU"),
+                      ("val_bf", "BF")]:  # fmt: skip
+        b.plot(epochs, [h[key] for h in history], marker="o", label=name)
+    b.set_xlabel("epoch")
+    b.set_ylim(0, 1)
+    b.legend()
+    b.set_title("validation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

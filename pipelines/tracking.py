@@ -1,0 +1,107 @@
+"""MLflow, in one place: runs, params, per-epoch metrics, the data manifest as input, artifacts."""
+
+import os
+import subprocess
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from segnet.errors import SegNetError
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """--mlflow-uri, else MLFLOW_TRACKING_URI, else a sqlite file in the working directory (absolute, so
+    Ray workers in other directories write to the same store)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Get or create the experiment; a local store keeps artifacts in ./mlartifacts."""
+    c = client(uri)
+    try:
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if uri.startswith("sqlite:") or uri.startswith("file:"):
+            location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+        return c.create_experiment(name, artifact_location=location)
+    except Exception as e:  # noqa: BLE001 - an unreachable store raises many types
+        raise SegNetError(f"MLflow tracking store {uri} is unreachable or refused the request: {e}") from e
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def start_run(
+    uri: str, experiment: str, run_name: str, config, manifest_path: Path, manifest_sha: str
+) -> str:
+    """Create the run with its params, tags and input dataset; returns the run id for the workers."""
+    c = client(uri)
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name)
+    rid = run.info.run_id
+    params = {k: str(v) for k, v in asdict(config).items() if v is not None}
+    for i in range(0, len(params), 90):
+        chunk = dict(list(params.items())[i : i + 90])
+        c.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in chunk.items()])
+    tags = {"data.manifest": str(manifest_path), "data.manifest_sha256": manifest_sha}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for k, v in tags.items():
+        c.set_tag(rid, k, v)
+    with warnings.catch_warnings():  # a local folder resolves to two equivalent source types
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(manifest_path.parent))
+    dataset = MetaDataset(source, name="camvid-shards", digest=manifest_sha[:32])
+    c.log_inputs(rid, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), [])])
+    return rid
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
+    client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_artifacts(uri: str, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+    client(uri).log_artifacts(run_id, str(folder), artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)

@@ -1,0 +1,466 @@
+"""`segnet train`: SegNet on CamVid shards with Ray Train (DDP), per-epoch validation and checkpoints.
+
+One `train_loop(config)` runs on every worker, as in Ray's own examples; `train(cfg)` checks the
+configuration before any worker starts, builds one TorchTrainer and fits it.
+"""
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_prep.augment import (
+    AugmentConfig,
+    ShardDataset,
+    eval_transform,
+    make_loader,
+    normalize,
+    parse_size,
+    train_transform,
+)
+from data_prep.shards import ShardReader, init_ray, manifest_id, read_manifest, verify_shards
+from pipelines import tracking
+from pipelines.plots import save_confusion_matrix, save_curves, save_overlay
+from segnet import CLASSES, MODELS, build_model, segmentation_loss
+from segnet.errors import SegNetError
+from segnet.losses import WEIGHTING_MODES
+from segnet.metrics import ConfusionMatrix, boundary_f1_per_image, scores_from_confusion
+from segnet.models import min_input_size
+
+METRICS = ("val_miou", "val_global_accuracy", "val_class_accuracy", "val_bf")
+RUN_FILE = "segnet_run.json"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str = "segnet-basic"
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0
+    epochs: int = 10
+    batch_size: int = 12  # global: split evenly across workers
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    class_weighting: str = "median_frequency"
+    image_size: str | None = None  # HxW; None keeps the data's size (CamVid 360x480)
+    seed: int = 0
+    dropout: float = 0.0
+    vgg16_weights: str | None = None
+    sync_bn: bool = False
+    amp: bool = False
+    channels_last: bool = False
+    metric: str = "val_miou"
+    max_failures: int = 0
+    keep_checkpoints: int = 3
+    loader_workers: int = 1
+    storage_path: str = "runs"
+    name: str | None = None
+    mlflow_uri: str | None = None
+    experiment: str = "segnet-camvid"
+    address: str | None = None
+
+
+def image_size(cfg: TrainConfig, shard_dir: str) -> tuple[int, int]:
+    """--image-size, else the size of the data's first validation image."""
+    if cfg.image_size:
+        return parse_size(cfg.image_size)
+    return tuple(ShardReader(shard_dir, "val", verify=False)[0]["label"].shape)
+
+
+def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
+    """Every mistake that can be caught before a worker starts, each with the value and what was expected."""
+    if cfg.model not in MODELS:
+        raise SegNetError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    manifest = read_manifest(cfg.data)
+    verify_shards(cfg.data, manifest, "train")
+    verify_shards(cfg.data, manifest, "val")
+    classes = len(manifest["classes"])
+    if num_classes is not None and num_classes != classes:
+        raise SegNetError(f"--num-classes {num_classes} does not match the manifest's {classes} classes")
+    if cfg.class_weighting not in WEIGHTING_MODES:
+        raise SegNetError(
+            f"unknown class weighting {cfg.class_weighting!r}; choose one of: {', '.join(WEIGHTING_MODES)}"
+        )
+    if cfg.metric not in METRICS:
+        raise SegNetError(f"unknown metric {cfg.metric!r}; choose one of: {', '.join(METRICS)}")
+    if cfg.workers < 1 or cfg.batch_size % cfg.workers:
+        raise SegNetError(
+            f"--batch-size {cfg.batch_size} must be a positive multiple of --workers {cfg.workers}"
+        )
+    if cfg.epochs < 1 or cfg.lr <= 0:
+        raise SegNetError(f"--epochs must be >= 1 and --lr > 0, got {cfg.epochs} and {cfg.lr}")
+    h, w = image_size(cfg, cfg.data)
+    smallest = min_input_size(cfg.model)
+    if h < smallest or w < smallest:
+        raise SegNetError(
+            f"--image-size {h}x{w} is too small for {cfg.model}: each side must be >= {smallest}"
+        )
+    if cfg.sync_bn and cfg.gpus_per_worker <= 0:
+        raise SegNetError(
+            "--sync-bn needs GPU workers (--gpus-per-worker > 0): SyncBatchNorm runs on CUDA only"
+        )
+    if cfg.vgg16_weights and not Path(cfg.vgg16_weights).is_file():
+        raise SegNetError(f"--vgg16-weights {cfg.vgg16_weights} does not exist")
+    return manifest
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """More workers than the cluster can place would wait forever: say so instead."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = cfg.workers * cfg.cpus_per_worker
+    need_gpu = cfg.workers * cfg.gpus_per_worker
+    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
+        raise SegNetError(
+            f"{cfg.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+        )
+
+
+def find_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in run_dir.glob("*/model.pt"))
+
+
+# ---------------------------------------------------------------- shared by train, evaluate and bench
+
+
+def train_epoch(model, loader, loss_fn, optimizer, device, amp=False, channels_last=False, fail=None) -> dict:
+    """One pass over the loader; returns mean loss and training images/s (excluding the first step)."""
+    model.train()
+    total, n, seen, t0 = 0.0, 0, 0, None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    losses = []
+    for step, (x, y) in enumerate(loader):
+        if fail is not None and step == fail:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the recovery test
+        if step == 1:
+            t0 = time.perf_counter()
+        x = normalize(x.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        if step >= 1:
+            seen += len(x)
+        n += 1
+    total = torch.stack(losses).sum().item() if losses else float("nan")  # one sync per epoch
+    elapsed = time.perf_counter() - t0 if t0 else float("nan")
+    return {"train_loss": total / max(n, 1), "train_images_per_s": seen / elapsed if seen else float("nan")}
+
+
+@torch.no_grad()
+def evaluate_model(model, loader, device, num_classes=11, amp=False, channels_last=False, keep=0):
+    """Confusion matrix and BF sums over the loader; logits are upsampled to the label's full size.
+
+    Returns (confusion matrix, BF sum, BF image count, up to `keep` (image, prediction, label) examples).
+    """
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    bf_sum, bf_n, examples = 0.0, 0, []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    for x, y in loader:
+        xf = normalize(x.to(device))
+        if channels_last:
+            xf = xf.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(xf).float()
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        pred = logits.argmax(1).cpu()
+        cm.update(pred, y)
+        per_image = boundary_f1_per_image(pred, y, num_classes)
+        ok = np.isfinite(per_image)
+        bf_sum += float(per_image[ok].sum())
+        bf_n += int(ok.sum())
+        for i in range(min(keep - len(examples), len(x))):
+            examples.append((x[i], pred[i], y[i]))
+    return cm.matrix, bf_sum, bf_n, examples
+
+
+def display_image(x: torch.Tensor, size) -> np.ndarray:
+    """A uint8 3xHxW model input as an HxWx3 picture at the label's size, for overlays."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return x.clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def scores(cm: torch.Tensor, bf_sum: float, bf_n: int, prefix: str = "val_") -> dict:
+    s = scores_from_confusion(cm)
+    out = {
+        f"{prefix}global_accuracy": s["global_accuracy"],
+        f"{prefix}class_accuracy": s["class_accuracy"],
+        f"{prefix}miou": s["miou"],
+        f"{prefix}bf": bf_sum / bf_n if bf_n else float("nan"),
+    }
+    for name, iou in zip(CLASSES, s["per_class_iou"]):
+        out[f"{prefix}iou_{name}"] = iou
+    return out
+
+
+def eval_loader(shard_dir: str, split: str, size, batch_size: int, rank=0, world=1, workers=0):
+    """Every `world`-th sample from `rank` on, no padding: summed over ranks, each sample counts once."""
+    ds = ShardDataset(shard_dir, split, eval_transform(*size), resize_label=False, verify=False)
+    part = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+    return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers)
+
+
+def model_options(cfg: dict, weights: bool = True) -> dict:
+    """The constructor options a config asks for (only those set, so every model accepts them)."""
+    options = {}
+    if cfg.get("dropout"):
+        options["dropout"] = cfg["dropout"]
+    if weights and cfg.get("vgg16_weights"):
+        options["vgg16_weights"] = cfg["vgg16_weights"]
+    return options
+
+
+def save_checkpoint(folder: Path, model, optimizer, epoch: int, meta: dict) -> None:
+    """Weights and optimiser as plain tensors (loadable with weights_only=True), the rest as JSON."""
+    torch.save(model.state_dict(), folder / "model.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, folder / "optimizer.pt")
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_checkpoint(folder: str | Path, device="cpu"):
+    """(model, meta) from a checkpoint folder; never unpickles code."""
+    folder = Path(folder)
+    if not (folder / "model.pt").is_file() or not (folder / "meta.json").is_file():
+        raise SegNetError(f"{folder} is not a checkpoint: expected model.pt and meta.json in it")
+    meta = json.loads((folder / "meta.json").read_text())
+    cfg = meta["config"]
+    model = build_model(cfg["model"], num_classes=meta["num_classes"], **model_options(cfg, weights=False))
+    try:
+        state = torch.load(folder / "model.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file gets one clear message
+        raise SegNetError(f"{folder / 'model.pt'} could not be loaded as {cfg['model']} weights: {e}") from e
+    return model.to(device), meta
+
+
+# ---------------------------------------------------------------- the per-worker loop
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    size, num_classes = tuple(config["image_size"]), config["num_classes"]
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model = build_model(cfg.model, num_classes=num_classes, **model_options(asdict(cfg)))
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restart after a failure, or --resume
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True))
+            opt = torch.load(Path(d) / "optimizer.pt", map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(opt["optimizer"])
+            start = opt["epoch"] + 1
+            history = json.loads((Path(d) / "meta.json").read_text())["history"]
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {start}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    net = model.module if hasattr(model, "module") else model
+
+    weights = None if cfg.class_weighting == "none" else config["class_weights"][cfg.class_weighting]
+    loss_fn = segmentation_loss(weights).to(device)
+    train_ds = ShardDataset(
+        cfg.data, "train", train_transform(AugmentConfig(*size), seed=cfg.seed), verify=False
+    )
+    per_worker = cfg.batch_size // world
+    loader = make_loader(
+        train_ds, per_worker, True, cfg.seed, cfg.loader_workers, rank, world, drop_last=True
+    )
+    val_loader = eval_loader(cfg.data, "val", size, per_worker, rank, world)
+    fail = config.get("fail")
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        if loader.sampler is not None and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        kill_step = None
+        if fail and fail["epoch"] == epoch and fail["rank"] == rank and not Path(fail["marker"]).exists():
+            Path(fail["marker"]).touch()
+            kill_step = fail["step"]
+        stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last, kill_step)
+        keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
+        cm, bf_sum, bf_n, examples = evaluate_model(net, val_loader, device, num_classes, cfg.amp,
+                                                    cfg.channels_last, keep)  # fmt: skip
+        if world > 1:  # sum the confusion matrices and BF sums, never average per-worker scores
+            packed = torch.cat([cm.flatten().double(), torch.tensor([bf_sum, bf_n], dtype=torch.float64)])
+            packed = packed.to(device)
+            dist.all_reduce(packed)
+            packed = packed.cpu()
+            cm = packed[: cm.numel()].round().long().view_as(cm)
+            bf_sum, bf_n = packed[-2].item(), int(packed[-1].item())
+        metrics = {
+            "epoch": epoch,
+            **stats,
+            **scores(cm, bf_sum, bf_n),
+            "epoch_time_s": time.perf_counter() - t0,
+        }
+        history.append({k: v for k, v in metrics.items() if not k.startswith("val_iou_")})
+        if rank == 0:
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
+                f"G {metrics['val_global_accuracy']:.3f}  C {metrics['val_class_accuracy']:.3f}  "
+                f"mIoU {metrics['val_miou']:.3f}  BF {metrics['val_bf']:.3f}  "
+                f"{stats['train_images_per_s']:.1f} img/s/worker  {metrics['epoch_time_s']:.0f} s",
+                flush=True,
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                meta = {
+                    "config": asdict(cfg),
+                    "epoch": epoch,
+                    "num_classes": num_classes,
+                    "image_size": list(size),
+                    "manifest_sha256": config["manifest_sha256"],
+                    "metrics": metrics,
+                    "history": history,
+                    "mlflow_run_id": config["run_id"],
+                }
+                save_checkpoint(Path(tmp), net, optimizer, epoch, meta)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                tracking.log_metrics(config["mlflow_uri"], config["run_id"], metrics, step=epoch)
+                if epoch == cfg.epochs - 1:
+                    log_final_artifacts(config, cm, history, examples)
+            finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
+            ray.train.report(finite, checkpoint=ckpt)
+
+
+def log_final_artifacts(config: dict, cm, history, examples) -> None:
+    """Confusion matrix, prediction overlays and training curves of the last epoch, as PNGs in MLflow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        save_confusion_matrix(cm.numpy(), out / "confusion_matrix_val.png", "validation, last epoch")
+        np.savetxt(out / "confusion_matrix_val.csv", cm.numpy(), fmt="%d", delimiter=",")
+        save_curves(history, out / "training_curves.png")
+        for i, (x, pred, y) in enumerate(examples):
+            save_overlay(display_image(x, y.shape), pred.numpy(), y.numpy(), out / f"overlay_val_{i}.png")
+        tracking.log_artifacts(config["mlflow_uri"], config["run_id"], out, "plots")
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def train(cfg: TrainConfig, resume: str | None = None, fail: dict | None = None, num_classes=None) -> dict:
+    """Check, then fit one TorchTrainer; returns the best checkpoint and its metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage = Path(cfg.storage_path).resolve()
+    run_id = None
+    if resume:  # a run name under --storage-path, or the run's folder
+        run_dir = Path(resume) if Path(resume).is_dir() else storage / resume
+        if not find_checkpoints(run_dir):
+            raise SegNetError(f"--resume {resume}: {run_dir} holds no checkpoint to resume from")
+        saved = json.loads((run_dir / RUN_FILE).read_text())
+        epochs = cfg.epochs
+        cfg = TrainConfig(**saved["config"])
+        cfg.epochs = max(epochs, cfg.epochs)
+        storage, cfg.name, run_id = run_dir.parent, run_dir.name, saved["mlflow_run_id"]
+    manifest = check_config(cfg, num_classes)
+    size = image_size(cfg, cfg.data)
+    name = cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.name = name
+    init_ray(cfg.address)
+    check_resources(cfg)
+
+    uri = tracking.tracking_uri(cfg.mlflow_uri)
+    manifest_path = Path(cfg.data).resolve() / "manifest.json"
+    sha = manifest_id(cfg.data)
+    if run_id is None:
+        run_id = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, sha)
+    (storage / name).mkdir(parents=True, exist_ok=True)
+    (storage / name / RUN_FILE).write_text(
+        json.dumps({"config": asdict(cfg), "mlflow_run_id": run_id}, indent=2)
+    )
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "train": asdict(cfg),
+            "image_size": list(size),
+            "num_classes": len(manifest["classes"]),
+            "class_weights": manifest["class_weights"],
+            "manifest_sha256": sha,
+            "mlflow_uri": uri,
+            "run_id": run_id,
+            "fail": fail,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute=cfg.metric,
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+    print(f"training {cfg.model} on {cfg.data} with {cfg.workers} workers at {size[0]}x{size[1]}; "
+          f"run {name}, MLflow run {run_id} in {uri}", flush=True)  # fmt: skip
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise SegNetError(f"training run {name} failed: {e}") from e
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, -1))
+    best = {
+        "run": name,
+        "run_dir": str(storage / name),
+        "mlflow_run_id": run_id,
+        "best_checkpoint": best_ckpt.path,
+        "best_epoch": best_metrics["epoch"],
+        "metric": cfg.metric,
+        "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_") and "iou_" not in k},
+        "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k},
+    }
+    tracking.set_tags(uri, run_id, {"best_checkpoint": best_ckpt.path, "best_epoch": best_metrics["epoch"]})
+    tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)
+    tracking.end_run(uri, run_id)
+    return best
+
+
+def config_from_args(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
