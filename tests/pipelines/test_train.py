@@ -1,0 +1,202 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_prep import prepare
+from pipelines.evaluate import evaluate
+from pipelines.train import TrainConfig, load_checkpoint, train
+from segnet import SegNetError
+
+pytestmark = pytest.mark.slow
+SIZE = "64x96"  # reduced resolution keeps a CPU epoch to seconds
+
+
+@pytest.fixture(scope="module")
+def shards(camvid_dir, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    prepare(camvid_dir, out, shard_size=8, limit=24)
+    return out
+
+
+def _cfg(shards, tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(shards),
+        model="segnet-basic",
+        workers=2,
+        epochs=3,
+        batch_size=4,
+        image_size=SIZE,
+        storage_path=str(tmp_path / "runs"),
+        mlflow_uri=f"sqlite:///{tmp_path}/mlruns.db",
+        loader_workers=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _cfg(shards, tmp, epochs=4, name="ddp")
+    return cfg, train(cfg)
+
+
+def test_two_worker_ddp_run_trains_and_loss_falls(two_worker_run):
+    _, best = two_worker_run
+    losses = [h["train_loss"] for h in best["history"]]
+    assert [h["epoch"] for h in best["history"]] == [0, 1, 2, 3]
+    assert losses[-1] < losses[0]
+    assert 0 < best["best_metrics"]["val_global_accuracy"] <= 1
+
+
+def test_mlflow_holds_params_metrics_and_artifacts(two_worker_run):
+    cfg, best = two_worker_run
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    run = client.get_run(best["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model"] == "segnet-basic" and run.data.params["workers"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "val_miou")) == 4
+    assert run.data.tags["data.manifest_sha256"]
+    assert run.inputs.dataset_inputs[0].dataset.name == "camvid-shards"
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix_val.png", "plots/training_curves.png", "plots/overlay_val_0.png"} <= files
+
+
+def test_evaluate_reproduces_the_reported_metrics(two_worker_run, shards, tmp_path):
+    _, best = two_worker_run
+    ckpt = best["best_checkpoint"]
+    reported = json.loads(open(f"{ckpt}/meta.json").read())["metrics"]
+    result = evaluate(ckpt, shards, "val", tmp_path / "eval")
+    for key in ("global_accuracy", "class_accuracy", "miou", "bf"):
+        assert result[key] == pytest.approx(reported[f"val_{key}"], abs=1e-3)
+    assert (tmp_path / "eval" / "confusion_matrix_val.png").stat().st_size > 0
+    assert (tmp_path / "eval" / "overlay_val_0.png").stat().st_size > 0
+
+
+def test_evaluate_cli_prints_the_table(two_worker_run, shards, tmp_path):
+    _, best = two_worker_run
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "evaluate", "--checkpoint", best["best_checkpoint"]]
+        + ["--data", str(shards), "--split", "test", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "mIoU" in r.stdout and "Bicyclist" in r.stdout
+    assert (tmp_path / "confusion_matrix_test.png").exists()
+
+
+def test_ddp_gradients_equal_single_process_gradients(shards, tmp_path):
+    """Two DDP workers on halves of a batch give the gradient of one process on the whole batch."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 48)
+    y = torch.randint(0, 11, (4, 32, 48))
+    y[:, :4] = 11  # some void
+    out = tmp_path / "grads.pt"
+
+    def loop(config):
+        import ray.train.torch as rt
+
+        from segnet import build_model
+
+        ctx = ray.train.get_context()
+        rank = ctx.get_world_rank()
+        torch.manual_seed(0)
+        model = rt.prepare_model(build_model("segnet-basic").eval())  # eval: BN uses running stats
+        half = slice(2 * rank, 2 * rank + 2)
+        torch.nn.functional.cross_entropy(
+            model(config["x"][half]), config["y"][half], ignore_index=11
+        ).backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.module.named_parameters()}, config["out"])
+
+    TorchTrainer(
+        loop,
+        train_loop_config={"x": x, "y": y, "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs")),
+    ).fit()
+    from segnet import build_model
+
+    torch.manual_seed(0)
+    model = build_model("segnet-basic").eval()
+    # per-worker means averaged by DDP equal the global mean when both halves have as many valid pixels
+    torch.nn.functional.cross_entropy(model(x), y, ignore_index=11).backward()
+    ddp = torch.load(out, weights_only=True)
+    for name, p in model.named_parameters():
+        assert torch.allclose(ddp[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path, epochs=3, max_failures=1, name="faulty")
+    marker = tmp_path / "killed"
+    best = train(cfg, fail={"epoch": 2, "step": 3, "rank": 1, "marker": str(marker)})
+    assert marker.exists()  # the worker really was killed mid-epoch 2
+    assert [h["epoch"] for h in best["history"]] == [0, 1, 2]
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    assert client.get_run(best["mlflow_run_id"]).info.status == "FINISHED"
+    # the restart began from a checkpoint, not from scratch: epoch 0 was trained once, epoch 2 finished
+    steps = [m.step for m in client.get_metric_history(best["mlflow_run_id"], "val_miou")]
+    assert steps.count(0) == 1 and set(steps) == {0, 1, 2}
+
+
+def test_resume_continues_an_interrupted_run(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path, epochs=1, workers=1, name="short")
+    first = train(cfg)
+    more = train(TrainConfig(data=str(shards), epochs=2, storage_path=cfg.storage_path), resume="short")
+    assert [h["epoch"] for h in more["history"]] == [0, 1]
+    assert more["mlflow_run_id"] == first["mlflow_run_id"]
+    model, meta = load_checkpoint(
+        more["best_checkpoint"] if more["best_epoch"] == 1 else first["best_checkpoint"]
+    )
+    assert meta["config"]["model"] == "segnet-basic"
+
+
+def test_channels_last_and_bf16_autocast_train(shards, tmp_path):
+    best = train(_cfg(shards, tmp_path, epochs=1, workers=1, amp=True, channels_last=True, name="fast"))
+    assert np.isfinite(best["history"][0]["train_loss"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "segnet-huge"}, "unknown model 'segnet-huge'"),
+        ({"data": "/nonexistent"}, "holds no manifest.json"),
+        ({"image_size": "8x8"}, "too small for segnet-basic"),
+        ({"workers": 3, "batch_size": 6}, "3 workers need 3 CPUs"),
+        ({"batch_size": 5}, "multiple of --workers"),
+        ({"class_weighting": "log"}, "unknown class weighting"),
+        ({"sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
+    ],
+)
+def test_bad_config_fails_before_any_worker_starts(shards, tmp_path, change, message):
+    with pytest.raises(SegNetError, match=message):
+        train(_cfg(shards, tmp_path, **change))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_class_count_and_resume_path_are_checked(shards, tmp_path):
+    with pytest.raises(SegNetError, match="--num-classes 12 does not match the manifest's 11"):
+        train(_cfg(shards, tmp_path), num_classes=12)
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    with pytest.raises(SegNetError, match="holds no checkpoint"):
+        train(_cfg(shards, tmp_path), resume="empty")
+
+
+def test_train_cli_bad_input_is_one_line(shards, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "--data", str(shards), "--model", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: unknown model 'nope'")
