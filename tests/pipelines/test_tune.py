@@ -1,0 +1,213 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from data_prep import prepare
+from pipelines import registry
+from pipelines.tune import TuneConfig, tune_search
+from segnet import SegNetError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(camvid_dir, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    prepare(camvid_dir, out, shard_size=4, limit=12)
+    return out
+
+
+def _cfg(shards, tmp, **kw) -> TuneConfig:
+    base = dict(
+        data=str(shards),
+        num_samples=2,
+        epochs=1,
+        image_size="64x96",
+        batch_size=4,
+        max_concurrent=2,
+        workers_per_trial=1,
+        loader_workers=0,
+        storage_path=str(tmp / "runs"),
+        mlflow_uri=f"sqlite:///{tmp}/mlruns.db",
+    )
+    base.update(kw)
+    return TuneConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def search(shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = _cfg(shards, tmp, name="s1")
+    return cfg, tune_search(cfg)
+
+
+def _segnet(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, **kw
+    )
+
+
+def test_search_registers_the_best_trial_as_champion(search):
+    cfg, summary = search
+    assert len(summary["trials"]) == 2
+    assert summary["registered"]["champion"] is True
+    shown = registry.show(cfg.mlflow_uri, "segnet-camvid@champion")
+    assert shown["version"] == summary["registered"]["version"] and "champion" in shown["aliases"]
+    assert shown["metrics"]["test_miou"] == pytest.approx(summary["test"]["miou"])
+    assert shown["data_manifest_sha256"]
+
+
+def test_trials_are_mlflow_runs_nested_under_the_search(search):
+    cfg, summary = search
+    c = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    exp = c.get_experiment_by_name(cfg.experiment)
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "s1"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
+    assert {"search_space", "scheduler", "best_trial"} <= set(parent.data.tags)
+    assert "best_test_miou" in parent.data.metrics
+
+
+def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path):
+    cfg, _ = search
+    image = sorted((camvid_dir / "test").iterdir())[0]
+    small = tmp_path / "in" / "small.png"
+    small.parent.mkdir()
+    Image.open(image).resize((150, 100)).save(small)  # another size than the model's
+    (tmp_path / "in" / image.name).write_bytes(image.read_bytes())
+    r = _segnet("predict", "--model", "models:/segnet-camvid@champion", "--input", str(tmp_path / "in"),
+                "--output", str(tmp_path / "out"), "--overlay", "--mlflow-uri", cfg.mlflow_uri)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    label = np.asarray(Image.open(tmp_path / "out" / image.name))
+    assert label.shape == (360, 480) and label.max() <= 10
+    assert np.asarray(Image.open(tmp_path / "out" / "small.png")).shape == (100, 150)
+    assert (tmp_path / "out" / "small_overlay.png").exists()
+
+
+def test_alias_does_not_move_to_a_model_that_is_not_better(search):
+    cfg, summary = search
+    best = summary["best"]["checkpoint"]
+    meta_run = registry.show(cfg.mlflow_uri, "segnet-camvid@champion")["run_id"]
+    said = []
+    same = registry.register(
+        cfg.mlflow_uri, "segnet-camvid", best, summary["test"], "x", meta_run, log=said.append
+    )
+    assert same["champion"] is False and "stays on" in said[0]
+    assert (
+        registry.show(cfg.mlflow_uri, "segnet-camvid@champion")["version"] == summary["registered"]["version"]
+    )
+    forced = registry.register(
+        cfg.mlflow_uri, "segnet-camvid", best, summary["test"], "x", meta_run, force_alias=True
+    )
+    assert forced["champion"] is True
+    assert registry.show(cfg.mlflow_uri, "segnet-camvid@champion")["version"] == forced["version"]
+
+
+def test_registry_cli_list_and_show(search):
+    cfg, _ = search
+    r = _segnet("registry", "list", "--mlflow-uri", cfg.mlflow_uri)
+    assert r.returncode == 0 and "segnet-camvid" in r.stdout and "@champion" in r.stdout
+    r = _segnet("registry", "show", "segnet-camvid/1", "--mlflow-uri", cfg.mlflow_uri)
+    assert r.returncode == 0 and '"version": "1"' in r.stdout
+
+
+def test_tampered_weights_are_refused(search, tmp_path):
+    cfg, summary = search
+    model = registry.load(cfg.mlflow_uri, "segnet-camvid@champion")  # loads while intact
+    assert model is not None
+    v = registry.resolve_version(cfg.mlflow_uri, "segnet-camvid@champion")
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/segnet-camvid/{v.version}", dst_path=str(tmp_path / "m")
+    )
+    weights = next(p for p in __import__("pathlib").Path(local).rglob("model.pt"))
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="changed after logging"):
+        mlflow.pyfunc.load_model(local)
+
+
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("nope@champion", "no registered model 'nope'.*segnet-camvid"),
+        ("segnet-camvid@gold", "aliases: @champion"),
+    ],
+)
+def test_unknown_model_or_alias_lists_what_exists(search, ref, message):
+    cfg, _ = search
+    with pytest.raises(SegNetError, match=message):
+        registry.resolve_version(cfg.mlflow_uri, ref)
+
+
+def test_undecodable_input_image_is_a_clear_error(search, tmp_path):
+    cfg, _ = search
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    r = _segnet(
+        "predict", "--input", str(bad), "--output", str(tmp_path / "o"), "--mlflow-uri", cfg.mlflow_uri
+    )
+    assert r.returncode == 2 and "bad.png cannot be decoded" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreachable_registry_is_one_line_with_the_uri(tmp_path):
+    r = _segnet("registry", "list", "--mlflow-uri", "http://127.0.0.1:9", timeout=120)
+    assert r.returncode == 2
+    assert "http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr_min": 0.1, "lr_max": 0.01}, "must be positive and below"),
+        ({"class_weighting": "none,log"}, "log"),
+    ],
+)
+def test_bad_search_space_is_refused(shards, tmp_path, change, message):
+    with pytest.raises(SegNetError, match=message):
+        tune_search(_cfg(shards, tmp_path, **change))
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tmp_path):
+    args = ["tune", "--data", str(shards), "--num-samples", "3", "--epochs", "1", "--image-size", "64x96"]
+    args += ["--batch-size", "4", "--max-concurrent", "1", "--scheduler", "fifo", "--loader-workers", "0"]
+    args += ["--storage-path", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path}/mlruns.db"]
+    args += ["--name", "s2"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    deadline, finished = time.time() + 400, []
+    while time.time() < deadline and proc.poll() is None and not finished:
+        time.sleep(1)
+        try:
+            runs = MlflowClient(tracking_uri=uri).search_runs(
+                [MlflowClient(tracking_uri=uri).get_experiment_by_name("segnet-camvid").experiment_id]
+            )
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            continue
+        finished = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
+    assert finished and proc.poll() is None, "no trial finished before the search could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=180)
+    done_name = finished[0].info.run_name
+    r = _segnet("tune", "--resume", "s2", "--storage-path", str(tmp_path / "runs"), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("segnet-camvid").experiment_id])
+    trial_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [r.info.run_name for r in trial_runs].count(done_name) == 1  # the finished trial was not re-run
+    assert len({r.info.run_name for r in trial_runs}) == 3
+    assert "champion" in r.data.tags or registry.show(uri, "segnet-camvid@champion")["version"] == "1"
