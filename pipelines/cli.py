@@ -66,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume is None and args.data is None:
         raise SegNetError("--data is required (or --resume RUN)")
+    if args.data is None:
+        args.data = ""  # with --resume, the run's saved config is used
     cfg = config_from_args(args)
     best = train(cfg, resume=args.resume, num_classes=args.num_classes)
     print(json.dumps(best, indent=2, default=str))
@@ -101,7 +103,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     if args.resume is None and args.data is None:
         raise SegNetError("--data is required (or --resume SEARCH)")
     names = {f.name for f in dataclasses.fields(TuneConfig)}
-    cfg = TuneConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    cfg = TuneConfig(**{"data": "", **given})  # with --resume, the saved search's config is used
     summary = tune_search(cfg, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("search", "test", "registered")}, indent=2, default=str))
 

@@ -402,6 +402,10 @@ def train(
         cfg.epochs = max(epochs, cfg.epochs)
         storage, cfg.name, run_id = run_dir.parent, run_dir.name, saved["mlflow_run_id"]
     manifest = check_config(cfg, num_classes)
+    # Workers run in other directories (and, on a cluster, other machines): give them absolute paths.
+    cfg.data = str(Path(cfg.data).resolve())
+    if cfg.vgg16_weights:
+        cfg.vgg16_weights = str(Path(cfg.vgg16_weights).resolve())
     size = image_size(cfg, cfg.data)
     name = cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.name = name

@@ -99,7 +99,6 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
     # The trial only drives its TorchTrainer, which places the workers: it asks for no CPU (Tune needs
     # some resource, so a token of memory), leaving every CPU to the workers.
     trainable = tune.with_resources(run_trial, {"memory": 2**20})
-    uri = tracking.tracking_uri(cfg.mlflow_uri)
     if resume:
         path = Path(resume) if Path(resume).is_dir() else storage / resume
         if not tune.Tuner.can_restore(str(path)):
@@ -107,12 +106,16 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
         saved = json.loads((path / "segnet_search.json").read_text())
         cfg = TuneConfig(**saved["config"])
         parent = saved["parent_run_id"]
+        uri = tracking.tracking_uri(cfg.mlflow_uri)
         init_ray(cfg.address)
         log(f"resuming search {path.name}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
         name = path.name
     else:
         check_search(cfg)
+        uri = tracking.tracking_uri(cfg.mlflow_uri)
+        # Trials run in other processes (and, on a cluster, other machines): give them absolute paths.
+        cfg.mlflow_uri, cfg.data, cfg.storage_path = uri, str(Path(cfg.data).resolve()), str(storage)
         name = cfg.name or f"search-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         init_ray(cfg.address)
         manifest_path = Path(cfg.data).resolve() / "manifest.json"
