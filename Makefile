@@ -27,8 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 run: install
-	$(BIN)/segnet prepare --source $(CAMVID_DIR) --out shards
-	$(BIN)/segnet models
+	$(BIN)/segnet run
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

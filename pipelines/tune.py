@@ -151,6 +151,11 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
             json.dumps({"config": asdict(cfg), "parent_run_id": parent}, indent=2)
         )
     results = tuner.fit()
+    if results.num_terminated + results.num_errors < cfg.num_samples:  # stopped by Ctrl-C or a signal
+        raise SegNetError(
+            f"search {name} was interrupted ({results.num_terminated} of {cfg.num_samples} trials finished); "
+            f"nothing registered. Continue it with: segnet tune --resume {name} --storage-path {storage}"
+        )
     return finish_search(cfg, results, uri, parent, storage / name, log)
 
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster and an MLflow server on this machine, all on 127.0.0.1.
+#   infra/local-cluster.sh start   # head (1 CPU) + worker node (1 CPU) + mlflow server (sqlite + artifacts)
+#   infra/local-cluster.sh stop    # stops exactly these processes (not other Ray instances)
+#   infra/local-cluster.sh status
+# Clients export what `start` prints (the token path among it): `eval "$(infra/local-cluster.sh start)"`.
+# Settings (environment): STATE_DIR, RAY_PORT, DASHBOARD_PORT, MLFLOW_PORT, HEAD_CPUS, WORKER_CPUS.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+STATE_DIR=${STATE_DIR:-/tmp/segnet-cluster}
+RAY_PORT=${RAY_PORT:-6390}
+DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
+MLFLOW_PORT=${MLFLOW_PORT:-5055}
+HEAD_CPUS=${HEAD_CPUS:-1}
+WORKER_CPUS=${WORKER_CPUS:-1}
+bin=${VENV_BIN:-$here/.venv/bin}
+[[ -x $bin/ray ]] || bin=$(dirname "$(command -v ray)")
+
+# Ray token authentication with this cluster's own token: every node and client reads the same file.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token"
+
+start() {
+  mkdir -p "$STATE_DIR/mlartifacts"
+  [[ -s $RAY_AUTH_TOKEN_PATH ]] || (umask 077 && "$bin/python" -c "import secrets; print(secrets.token_hex(32))" >"$RAY_AUTH_TOKEN_PATH")
+  # Node 1, the head: GCS, dashboard and job server on loopback.
+  "$bin/ray" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --temp-dir="$STATE_DIR/ray" \
+    --disable-usage-stats >"$STATE_DIR/head.log" 2>&1
+  # Node 2: its own raylet and resources, so Ray schedules across both.
+  "$bin/ray" start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
+    --temp-dir="$STATE_DIR/ray" --disable-usage-stats >"$STATE_DIR/worker.log" 2>&1
+  # MLflow: sqlite backend, artifacts served (proxied) by the server from a local folder.
+  nohup "$bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$STATE_DIR/mlflow.db" --artifacts-destination "$STATE_DIR/mlartifacts" \
+    >"$STATE_DIR/mlflow.log" 2>&1 &
+  echo $! >"$STATE_DIR/mlflow.pid"
+  for _ in $(seq 60); do
+    curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null && break
+    sleep 1
+  done
+  curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null || { echo "mlflow server did not start" >&2; exit 1; }
+  echo "RAY_AUTH_MODE=token"
+  echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+  echo "RAY_ADDRESS=127.0.0.1:$RAY_PORT"
+  echo "RAY_JOB_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
+  echo "MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
+}
+
+stop() {
+  if [[ -f $STATE_DIR/mlflow.pid ]]; then
+    pkill -TERM -P "$(cat "$STATE_DIR/mlflow.pid")" 2>/dev/null || true
+    kill "$(cat "$STATE_DIR/mlflow.pid")" 2>/dev/null || true
+    rm -f "$STATE_DIR/mlflow.pid"
+  fi
+  # Every process of this cluster names its temp dir on its command line; other Ray instances do not.
+  for sig in TERM KILL; do
+    pkill "-$sig" -f "$STATE_DIR/ray" 2>/dev/null || true
+    pkill "-$sig" -f "mlflow.*$STATE_DIR" 2>/dev/null || true
+    sleep 2
+  done
+}
+
+status() {
+  "$bin/ray" status --address="127.0.0.1:$RAY_PORT" || true
+  curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" && echo " mlflow up" || echo "mlflow down"
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
