@@ -4,7 +4,8 @@
 #   infra/local-cluster.sh stop    # stops exactly these processes (not other Ray instances)
 #   infra/local-cluster.sh status
 # Clients export what `start` prints (the token path among it): `eval "$(infra/local-cluster.sh start)"`.
-# Settings (environment): STATE_DIR, RAY_PORT, DASHBOARD_PORT, MLFLOW_PORT, HEAD_CPUS, WORKER_CPUS.
+# Settings (environment): STATE_DIR, RAY_PORT, DASHBOARD_PORT, MLFLOW_PORT, HEAD_CPUS, WORKER_CPUS,
+# AGENT_PORT_BASE (4 ports per node from here, the second node 10 above).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 STATE_DIR=${STATE_DIR:-/tmp/segnet-cluster}
@@ -13,11 +14,19 @@ DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
 MLFLOW_PORT=${MLFLOW_PORT:-5055}
 HEAD_CPUS=${HEAD_CPUS:-1}
 WORKER_CPUS=${WORKER_CPUS:-1}
+AGENT_PORT_BASE=${AGENT_PORT_BASE:-52400}
 bin=${VENV_BIN:-$here/.venv/bin}
 [[ -x $bin/ray ]] || bin=$(dirname "$(command -v ray)")
+export PATH="$bin:$PATH"  # jobs' `python` is the one that has the project and its dependencies
 
 # Ray token authentication with this cluster's own token: every node and client reads the same file.
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token"
+
+# Two nodes on one host: each needs its own agent ports (the defaults would collide).
+agent_ports() {
+  echo "--dashboard-agent-listen-port=$1 --dashboard-agent-grpc-port=$(($1 + 1))" \
+    "--metrics-export-port=$(($1 + 2)) --runtime-env-agent-port=$(($1 + 3))"
+}
 
 start() {
   mkdir -p "$STATE_DIR/mlartifacts"
@@ -25,10 +34,11 @@ start() {
   # Node 1, the head: GCS, dashboard and job server on loopback.
   "$bin/ray" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --temp-dir="$STATE_DIR/ray" \
-    --disable-usage-stats >"$STATE_DIR/head.log" 2>&1
+    $(agent_ports "$AGENT_PORT_BASE") --disable-usage-stats >"$STATE_DIR/head.log" 2>&1
   # Node 2: its own raylet and resources, so Ray schedules across both.
   "$bin/ray" start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
-    --temp-dir="$STATE_DIR/ray" --disable-usage-stats >"$STATE_DIR/worker.log" 2>&1
+    --temp-dir="$STATE_DIR/ray" $(agent_ports $((AGENT_PORT_BASE + 10))) --disable-usage-stats \
+    >"$STATE_DIR/worker.log" 2>&1
   # MLflow: sqlite backend, artifacts served (proxied) by the server from a local folder.
   nohup "$bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$STATE_DIR/mlflow.db" --artifacts-destination "$STATE_DIR/mlartifacts" \
@@ -46,18 +56,27 @@ start() {
   echo "MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
 }
 
-stop() {
-  if [[ -f $STATE_DIR/mlflow.pid ]]; then
-    pkill -TERM -P "$(cat "$STATE_DIR/mlflow.pid")" 2>/dev/null || true
-    kill "$(cat "$STATE_DIR/mlflow.pid")" 2>/dev/null || true
-    rm -f "$STATE_DIR/mlflow.pid"
-  fi
-  # Every process of this cluster names its temp dir on its command line; other Ray instances do not.
-  for sig in TERM KILL; do
-    pkill "-$sig" -f "$STATE_DIR/ray" 2>/dev/null || true
-    pkill "-$sig" -f "mlflow.*$STATE_DIR" 2>/dev/null || true
-    sleep 2
+# A process and all its descendants (Ray renames its agents and workers, so their command lines no
+# longer name this cluster: find them through their parents).
+tree() {
+  local p
+  for p in "$@"; do
+    echo "$p"
+    tree $(pgrep -P "$p")
   done
+}
+
+stop() {
+  local pids
+  pids=$(tree $(pgrep -f "$STATE_DIR/ray") $(cat "$STATE_DIR/mlflow.pid" 2>/dev/null) | sort -u)
+  rm -f "$STATE_DIR/mlflow.pid"
+  [[ -z $pids ]] && return 0
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 20); do
+    ps -p "$(echo $pids | tr ' ' ',')" >/dev/null || return 0  # none left
+    sleep 0.5
+  done
+  kill -KILL $pids 2>/dev/null || true
 }
 
 status() {

@@ -13,6 +13,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 EXCLUDES = [".venv", ".git", "runs", "shards", "data", "mlartifacts", "mlruns.db", "*.egg-info",
             "__pycache__", ".pytest_cache", ".ruff_cache"]  # fmt: skip
 STORAGE_STEPS = {"train", "tune", "run"}
+PACKAGES = ("segnet", "data_prep", "pipelines")
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "CAMVID_DIR")
 
 
@@ -33,7 +34,10 @@ def submit(address: str, args: list[str], storage: str | None = None, wait: bool
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    runtime_env = {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env}
+    # The packages travel as py_modules (on every worker's path), not as a working_dir: Ray can delete a
+    # working_dir under a driver whose trials have ended, and with it the driver's cwd.
+    modules = [str(PROJECT / name) for name in PACKAGES]
+    runtime_env = {"py_modules": modules, "excludes": EXCLUDES, "env_vars": env}
     try:
         client = JobSubmissionClient(address)
         job = client.submit_job(entrypoint=job_entrypoint(args, storage), runtime_env=runtime_env)
