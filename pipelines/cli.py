@@ -76,9 +76,22 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluate import evaluate, format_scores
 
-    if not args.checkpoint:
-        raise SegNetError("give --checkpoint PATH (a checkpoint folder of `segnet train`)")
-    result = evaluate(args.checkpoint, args.data, args.split, args.out, args.batch_size)
+    if bool(args.checkpoint) == bool(args.model_uri):
+        raise SegNetError(
+            "give one of --checkpoint PATH (from `segnet train`) or --model-uri models:/NAME@ALIAS"
+        )
+    if args.model_uri:
+        import tempfile
+
+        from pipelines import registry
+        from pipelines.tracking import tracking_uri
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = registry.download_weights(tracking_uri(args.mlflow_uri), args.model_uri, tmp)
+            out = args.out or f"eval-{args.split}"
+            result = evaluate(folder, args.data, args.split, out, args.batch_size)
+    else:
+        result = evaluate(args.checkpoint, args.data, args.split, args.out, args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -205,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="G, C, mIoU, BF, per-class IoU; confusion matrix and overlays")
     p.add_argument("--checkpoint", help="checkpoint folder")
+    p.add_argument("--model-uri", help="a registered model, models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--mlflow-uri", default=None, help="with --model-uri")
     p.add_argument("--data", required=True, help="shard folder")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="folder for PNGs (default: CHECKPOINT/eval-SPLIT)")
@@ -262,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="the whole job: prepare CamVid, search, register, predict")
-    profiles = "small: this 2-core CPU machine, ~15 min; paper: the paper's recipe on GPUs"
+    profiles = "small: 2-core CPU machine, about 8 min; paper: the paper's recipe on GPUs"
     p.add_argument("--profile", default="small", choices=["small", "paper"], help=profiles)
     p.add_argument("--source", default=None, help="CamVid (default: $CAMVID_DIR, ./data/CamVid, or download)")
     p.add_argument("--out", default="shards")

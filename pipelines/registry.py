@@ -210,3 +210,25 @@ def load(uri: str, ref: str):
         raise
     except MlflowException as e:
         raise SegNetError(f"could not load models:/{v.name}/{v.version} from {uri}: {e}") from e
+
+
+def download_weights(uri: str, ref: str, dest: str | Path) -> Path:
+    """A registered version's weights and meta.json in a folder that `load_checkpoint` reads, with the
+    weights' sha256 checked against the one logged with the model."""
+    v = resolve_version(uri, ref)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{v.name}/{v.version}", dst_path=str(dest)))
+    except MlflowException as e:
+        raise SegNetError(f"could not download models:/{v.name}/{v.version} from {uri}: {e}") from e
+    folder = next((p.parent for p in local.rglob("meta.json") if (p.parent / "model.pt").is_file()), None)
+    if folder is None:
+        raise SegNetError(f"models:/{v.name}/{v.version} holds no model.pt and meta.json")
+    meta = json.loads((folder / "meta.json").read_text())
+    digest = hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()
+    if digest != meta["weights_sha256"]:
+        raise SegNetError(
+            f"models:/{v.name}/{v.version}: weights sha256 {digest} differs from the logged one"
+        )
+    return folder

@@ -139,7 +139,7 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
 def train_epoch(model, loader, loss_fn, optimizer, device, amp=False, channels_last=False, fail=None) -> dict:
     """One pass over the loader; returns mean loss and training images/s (excluding the first step)."""
     model.train()
-    total, n, seen, t0 = 0.0, 0, 0, None
+    seen, t0 = 0, None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     losses = []
     for step, (x, y) in enumerate(loader):
@@ -159,10 +159,9 @@ def train_epoch(model, loader, loss_fn, optimizer, device, amp=False, channels_l
         losses.append(loss.detach())
         if step >= 1:
             seen += len(x)
-        n += 1
-    total = torch.stack(losses).sum().item() if losses else float("nan")  # one sync per epoch
+    mean_loss = torch.stack(losses).mean().item() if losses else float("nan")  # one sync per epoch
     elapsed = time.perf_counter() - t0 if t0 else float("nan")
-    return {"train_loss": total / max(n, 1), "train_images_per_s": seen / elapsed if seen else float("nan")}
+    return {"train_loss": mean_loss, "train_images_per_s": seen / elapsed if seen else float("nan")}
 
 
 @torch.no_grad()

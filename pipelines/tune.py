@@ -167,7 +167,7 @@ def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: Path, l
         df = r.metrics_dataframe.dropna(subset=[cfg.metric])
         best = df.loc[df[cfg.metric].idxmax()]
         rows.append({
-            "trial": r.path.rsplit("/", 1)[-1].split("_")[1] if "_" in r.path else r.path,
+            "trial": r.metrics.get("trial_id", Path(r.path).name),
             "lr": r.config["lr"],
             "class_weighting": r.config["class_weighting"],
             "epochs": int(df["epoch"].max()) + 1,

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,16 @@ def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path):
     assert label.shape == (360, 480) and label.max() <= 10
     assert np.asarray(Image.open(tmp_path / "out" / "small.png")).shape == (100, 150)
     assert (tmp_path / "out" / "small_overlay.png").exists()
+
+
+def test_evaluate_model_uri_reproduces_the_registered_test_scores(search, shards, tmp_path):
+    cfg, summary = search
+    args = ["evaluate", "--model-uri", "models:/segnet-camvid@champion", "--data", str(shards), "--split"]
+    r = _segnet(*args, "test", "--out", str(tmp_path), "--json", "--mlflow-uri", cfg.mlflow_uri)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["miou"] == pytest.approx(summary["test"]["miou"], abs=1e-6)
+    assert (tmp_path / "confusion_matrix_test.png").exists()
 
 
 def test_alias_does_not_move_to_a_model_that_is_not_better(search):
