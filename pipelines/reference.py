@@ -2,7 +2,6 @@
 nn.MaxUnpool2d with int64 indices, contiguous NCHW tensors, no tuning). Parameters are declared in the
 same order as the project's models, so `copy_weights` moves weights between them by position."""
 
-import torch
 from torch import nn
 
 from segnet.vgg import VGG16_BLOCKS
@@ -31,7 +30,7 @@ class PlainSegNetBasic(nn.Module):
         for dec in self.decoders:
             idx, size = stack.pop()
             x = dec(self.unpool(x, idx, output_size=size))
-        return self.classifier(x) if hasattr(self, "classifier") else x
+        return self.classifier(x)
 
 
 class PlainSegNet(nn.Module):
@@ -53,6 +52,7 @@ class PlainSegNet(nn.Module):
             if i == 0:  # the last conv is the classifier
                 layers = layers[:-3] + [nn.Conv2d(64, num_classes, 3, padding=1)]
             self.decoders.append(nn.Sequential(*layers))
+        self.classifier = nn.Identity()  # the last decoder conv already maps to the classes
         self.pool, self.unpool = nn.MaxPool2d(2, 2, return_indices=True), nn.MaxUnpool2d(2, 2)
 
     forward = PlainSegNetBasic.forward
@@ -71,7 +71,3 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
 
 def build_reference(name: str, num_classes: int = 11) -> nn.Module:
     return REFERENCES[name](num_classes)
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    return model.to(memory_format=torch.channels_last)

@@ -23,10 +23,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
-def _client(uri: str):
-    return tracking.client(uri)
-
-
 def _unreachable(uri: str, e: Exception) -> SegNetError:
     return SegNetError(f"MLflow registry at {uri} is unreachable or refused the request: {e}")
 
@@ -45,7 +41,7 @@ def register(
     identity and training config, and move `champion` only when its test mIoU beats the champion's."""
     checkpoint = Path(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
-    c = _client(uri)
+    c = tracking.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "model.pt"
         shutil.copyfile(checkpoint / "model.pt", weights)
@@ -131,7 +127,7 @@ def _maybe_move_champion(c, name: str, version: str, new: float, force: bool) ->
 
 
 def list_models(uri: str) -> list[dict]:
-    c = _client(uri)
+    c = tracking.client(uri)
     try:
         models = c.search_registered_models()
     except Exception as e:  # noqa: BLE001
@@ -161,7 +157,7 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 def resolve_version(uri: str, ref: str):
     """The model version a reference names; unknown names and aliases list what exists."""
     name, alias, version = parse_ref(ref)
-    c = _client(uri)
+    c = tracking.client(uri)
     try:
         names = [m.name for m in c.search_registered_models()]
     except Exception as e:  # noqa: BLE001
@@ -184,7 +180,7 @@ def resolve_version(uri: str, ref: str):
 
 def show(uri: str, ref: str) -> dict:
     v = resolve_version(uri, ref)
-    model = _client(uri).get_registered_model(v.name)
+    model = tracking.client(uri).get_registered_model(v.name)
     aliases = [a for a, ver in (model.aliases or {}).items() if str(ver) == str(v.version)]
     return {
         "name": v.name,
