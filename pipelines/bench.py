@@ -172,7 +172,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _measure_step(spec: dict) -> dict:
+def measure_step(spec: dict) -> dict:
     """Runs in a fresh process, so the peak resident set belongs to this model's step alone."""
     import resource
 
@@ -240,7 +240,7 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     }
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1, maxtasksperchild=1) as pool:
-        ours = pool.apply(_measure_step, ({**spec, "reference": False, "channels_last": channels_last},))
+        ours = pool.apply(measure_step, ({**spec, "reference": False, "channels_last": channels_last},))
     matmul = matmul_flops_per_s()
     figures = {
         "model": model, "mode": mode, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
@@ -252,7 +252,7 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     figures["mfu"] = figures["achieved_flops_per_s"] / matmul
     if baseline:
         with ctx.Pool(1, maxtasksperchild=1) as pool:
-            ref = pool.apply(_measure_step, ({**spec, "reference": True, "channels_last": False},))
+            ref = pool.apply(measure_step, ({**spec, "reference": True, "channels_last": False},))
         figures["baseline_images_per_s"] = batch / ref["seconds_per_step"]
         figures["baseline_peak_memory_bytes"] = ref["peak_memory_bytes"]
         figures["speed_vs_baseline"] = figures["images_per_s"] / figures["baseline_images_per_s"]

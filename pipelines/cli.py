@@ -159,6 +159,21 @@ def cmd_run(args: argparse.Namespace) -> None:
     run(args.profile, args.source, args.out, args.storage_path, args.mlflow_uri, args.register_as)
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from data_prep.shards import prepare
+    from pipelines.experiment import Table1Config, run_table1
+    from pipelines.run import find_camvid
+
+    if not (Path(args.data) / "manifest.json").is_file():  # like `segnet run`: shards made on first use
+        prepare(find_camvid(args.source), args.data)
+    names = {f.name for f in dataclasses.fields(Table1Config)}
+    cfg = Table1Config(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    summary = run_table1(cfg)
+    print((Path(summary["out"]) / "table1.md").read_text())
+
+
 def cmd_bench_model(args: argparse.Namespace) -> None:
     from data_prep.augment import parse_size
     from pipelines.bench import bench_model
@@ -304,6 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="submit and return without streaming logs")
     p.add_argument("step", nargs=argparse.REMAINDER, help="-- SUBCOMMAND [ARGS]")
     p.set_defaults(func=cmd_submit)
+
+    exp = sub.add_parser("experiment", help="the paper's experiments, rerun and reported beside its figures")
+    exp_sub = exp.add_subparsers(dest="experiment_command", required=True)
+    p = exp_sub.add_parser("table1", help="Table 1: decoder variants x class balancing, one Ray Tune grid")
+    profiles = (
+        "smoke: minutes, for tests; cpu: 90x120, 20 epochs, ~1.5 h on 2 cores for the default 3 variants x 2 "
+        "balancings; paper: 360x480 until the loss converges, on GPUs"
+    )
+    p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help=profiles)
+    p.add_argument("--variants", default=None, help="comma-separated models (default per profile)")
+    p.add_argument("--balancing", default=None, help="default median_frequency,none")
+    p.add_argument("--workers-per-trial", type=int, default=None, help="DDP workers per trial (default 1)")
+    p.add_argument("--data", default="shards", help="shard folder; prepared from CamVid if it has none")
+    p.add_argument("--source", default=None, help="CamVid, when --data must be prepared")
+    p.add_argument("--out", default=None, help="report folder (default table1)")
+    p.add_argument("--storage-path", default=None, help="default runs")
+    p.add_argument("--name", default=None)
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default segnet-table1)")
+    p.add_argument("--address", default=None)
+    p.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="data set utilities").add_subparsers(
         dest="data_command", required=True

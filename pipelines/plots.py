@@ -84,3 +84,28 @@ def save_curves(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_table1_chart(lines: list[dict], modes: list[str], path: Path) -> Path:
+    """Test mIoU and BF per Table 1 variant: ours (solid) beside the paper's (hatched), per balancing."""
+    variants = list(dict.fromkeys(x["paper_name"] for x in lines))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(variants)), 4.5))
+    width = 0.8 / (2 * len(modes))
+    x = np.arange(len(variants))
+    for ax, measure in zip(axes, ("mIoU", "BF")):
+        for j, mode in enumerate(modes):
+            by_name = {r["paper_name"]: r for r in lines if r["balancing"] == mode}
+            for k, (key, hatch) in enumerate(((measure, None), (f"paper_{measure}", "//"))):
+                offset = (2 * j + k - len(modes) + 0.5) * width
+                values = [by_name[v][key] for v in variants]
+                label = f"{'paper' if k else 'ours'}, {mode.replace('_', ' ')}"
+                ax.bar(x + offset, values, width, label=label, hatch=hatch, color=f"C{j}", alpha=1 - 0.45 * k)
+        ax.set_xticks(x, variants, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"test {measure} (%)")
+        ax.set_ylim(0, 100 if measure == "mIoU" else 60)
+        ax.set_title(f"test {measure}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

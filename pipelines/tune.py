@@ -70,24 +70,51 @@ def check_search(cfg: TuneConfig) -> None:
     check_config(trial_config(cfg, cfg.lr_max, weighting_modes(cfg.class_weighting)[0], "check"))
 
 
-def trial_config(cfg: TuneConfig, lr: float, weighting: str, name: str) -> TrainConfig:
+def trial_config(
+    cfg: TuneConfig, lr: float, weighting: str, name: str, model: str | None = None
+) -> TrainConfig:
     shared = {f.name for f in fields(TrainConfig)} & set(asdict(cfg))
     base = {k: getattr(cfg, k) for k in shared}
     base.update(
-        workers=cfg.workers_per_trial, lr=lr, class_weighting=weighting, name=name, keep_checkpoints=1
-    )
+        workers=cfg.workers_per_trial, lr=lr, class_weighting=weighting, name=name, keep_checkpoints=1,
+        model=model or cfg.model,
+    )  # fmt: skip
     return TrainConfig(**base)
 
 
 def run_trial(config: dict) -> None:
-    """One Tune trial: a whole Ray Train run whose per-epoch reports reach Tune (and its scheduler)."""
+    """One Tune trial: a whole Ray Train run whose per-epoch reports reach Tune (and its scheduler).
+    A `model` in the trial's config (the Table 1 grid) overrides the search's model."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = TuneConfig(**config["search"])
     name = f"{config['search_name']}-{ray.tune.get_context().get_trial_id()}"
-    train_cfg = trial_config(cfg, config["lr"], config["class_weighting"], name)
+    train_cfg = trial_config(cfg, config["lr"], config["class_weighting"], name, config.get("model"))
     train(train_cfg, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
+
+
+def trainable():
+    """`run_trial` asking Tune for no CPU: its TorchTrainer places the workers (Tune needs some resource,
+    so a token of memory), leaving every CPU to them."""
+    from ray import tune
+
+    return tune.with_resources(run_trial, {"memory": 2**20})
+
+
+def make_tuner(cfg: TuneConfig, name: str, param_space: dict, num_samples: int, scheduler=None, stop=None):
+    """The one Tuner, shared by `segnet tune` and `segnet experiment table1`."""
+    from ray import tune
+
+    return tune.Tuner(
+        trainable(),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric, mode="max", num_samples=num_samples, scheduler=scheduler,
+            max_concurrent_trials=cfg.max_concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, stop=stop),
+    )  # fmt: skip
 
 
 def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
@@ -96,9 +123,6 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     storage = Path(cfg.storage_path).resolve()
-    # The trial only drives its TorchTrainer, which places the workers: it asks for no CPU (Tune needs
-    # some resource, so a token of memory), leaving every CPU to the workers.
-    trainable = tune.with_resources(run_trial, {"memory": 2**20})
     if resume:
         path = Path(resume) if Path(resume).is_dir() else storage / resume
         if not tune.Tuner.can_restore(str(path)):
@@ -109,7 +133,7 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
         uri = tracking.tracking_uri(cfg.mlflow_uri)
         init_ray(cfg.address)
         log(f"resuming search {path.name}: finished trials are kept, unfinished ones continue")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable(), resume_errored=True)
         name = path.name
     else:
         check_search(cfg)
@@ -128,24 +152,14 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
         )
         space = {"lr": ["loguniform", cfg.lr_min, cfg.lr_max], "class_weighting": modes}
         tracking.set_tags(uri, parent, {"search_space": json.dumps(space), "scheduler": cfg.scheduler})
-        tuner = tune.Tuner(
-            trainable,
-            param_space={
-                "lr": tune.loguniform(cfg.lr_min, cfg.lr_max),
-                "class_weighting": tune.choice(modes),
-                "search": asdict(cfg),
-                "search_name": name,
-                "parent_run_id": parent,
-            },
-            tune_config=tune.TuneConfig(
-                metric=cfg.metric,
-                mode="max",
-                num_samples=cfg.num_samples,
-                scheduler=scheduler,
-                max_concurrent_trials=cfg.max_concurrent,
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
-        )
+        param_space = {
+            "lr": tune.loguniform(cfg.lr_min, cfg.lr_max),
+            "class_weighting": tune.choice(modes),
+            "search": asdict(cfg),
+            "search_name": name,
+            "parent_run_id": parent,
+        }
+        tuner = make_tuner(cfg, name, param_space, cfg.num_samples, scheduler)
         (storage / name).mkdir(parents=True, exist_ok=True)
         (storage / name / "segnet_search.json").write_text(
             json.dumps({"config": asdict(cfg), "parent_run_id": parent}, indent=2)

@@ -1,0 +1,343 @@
+"""`segnet experiment table1`: the paper's decoder comparison (Table 1), rerun as one Ray Tune grid and
+reported next to the paper's figures, with the paper's three conclusions checked on our numbers."""
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from data_prep.augment import parse_size
+from data_prep.shards import init_ray, manifest_id, read_manifest
+from pipelines import tracking
+from pipelines.bench import measure_step
+from pipelines.evaluate import evaluate
+from pipelines.plots import save_table1_chart
+from pipelines.train import check_config
+from pipelines.tune import TuneConfig, make_tuner, trial_config, weighting_modes
+from segnet.errors import SegNetError
+from segnet.models import build_model, count_parameters
+
+PAPER_SOURCE = (
+    "Badrinarayanan, Kendall, Cipolla, SegNet, IEEE TPAMI 39(12) 2017, Table 1: CamVid test set, "
+    "11 classes, 360x480, inference time on an NVIDIA Titan GPU"
+)
+MEASURES = ("G", "C", "mIoU", "BF")
+BALANCING = {"median_frequency": "median frequency", "none": "natural frequency"}
+
+# Table 1 as printed: params (M), storage multiplier (None where the paper prints n/a), inference ms, and
+# G, C, mIoU, BF (percent) for median-frequency and natural-frequency (no) class balancing.
+PAPER_TABLE1 = {
+    "bilinear-interpolation": {
+        "paper_name": "Bilinear-Interpolation", "params_m": 0.625, "storage": 0, "infer_ms": 24.2,
+        "median_frequency": (77.9, 61.1, 43.3, 20.83), "none": (82.7, 52.5, 43.8, 23.08),
+    },
+    "segnet-basic": {
+        "paper_name": "SegNet-Basic", "params_m": 1.425, "storage": 1, "infer_ms": 52.6,
+        "median_frequency": (82.7, 62.0, 47.7, 35.78), "none": (84.0, 54.6, 46.3, 36.67),
+    },
+    "segnet-basic-encoder-addition": {
+        "paper_name": "SegNet-Basic-EncoderAddition", "params_m": 1.425, "storage": 64, "infer_ms": 53.0,
+        "median_frequency": (83.4, 63.6, 48.5, 35.92), "none": (84.2, 56.5, 47.7, 36.27),
+    },
+    "segnet-basic-single-channel-decoder": {
+        "paper_name": "SegNet-Basic-SingleChannelDecoder", "params_m": 0.625, "storage": 1, "infer_ms": 33.1,
+        "median_frequency": (81.2, 60.7, 46.1, 31.62), "none": (83.5, 53.9, 45.2, 32.45),
+    },
+    "fcn-basic": {
+        "paper_name": "FCN-Basic", "params_m": 0.65, "storage": 11, "infer_ms": 24.2,
+        "median_frequency": (81.7, 62.4, 47.3, 38.11), "none": (83.9, 55.6, 45.0, 37.33),
+    },
+    "fcn-basic-no-addition": {
+        "paper_name": "FCN-Basic-NoAddition", "params_m": 0.65, "storage": None, "infer_ms": 23.8,
+        "median_frequency": (80.5, 58.6, 44.1, 31.96), "none": (82.3, 53.9, 44.2, 29.43),
+    },
+    "fcn-basic-no-dim-reduction": {
+        "paper_name": "FCN-Basic-NoDimReduction", "params_m": 1.625, "storage": 64, "infer_ms": 44.8,
+        "median_frequency": (84.1, 63.4, 50.1, 37.37), "none": (83.5, 57.3, 47.0, 37.13),
+    },
+    "fcn-basic-no-addition-no-dim-reduction": {
+        "paper_name": "FCN-Basic-NoAddition-NoDimReduction", "params_m": 1.625, "storage": 0,
+        "infer_ms": 43.9, "median_frequency": (80.5, 61.6, 45.9, 30.47), "none": (83.7, 54.8, 45.5, 33.17),
+    },
+}  # fmt: skip
+
+# The paper's recipe (Sec. 4.1): SGD, lr 0.1, momentum 0.9, batch 12, He initialisation, shuffled every
+# epoch; each run's checkpoint chosen by validation global accuracy. Profiles differ in size and length.
+LR = 0.1
+RECIPE = dict(batch_size=12, metric="val_global_accuracy", scheduler="fifo")
+PROFILES = {
+    # minutes, for tests: tiny images, one epoch
+    "smoke": dict(image_size="48x64", epochs=1, batch_size=4, max_concurrent=2, loader_workers=0,
+                  infer_size="48x64", converge=False),
+    # this 2-core CPU: quarter resolution, 20 epochs; ~30 minutes a trial, two trials side by side
+    "cpu": dict(image_size="90x120", epochs=20, max_concurrent=2, loader_workers=1, infer_size="360x480",
+                converge=False),
+    # GPUs: full resolution, until the training loss stops falling (at most 300 epochs)
+    "paper": dict(image_size="360x480", epochs=300, max_concurrent=4, gpus_per_worker=1, loader_workers=4,
+                  infer_size="360x480", converge=True),
+}  # fmt: skip
+DEFAULT_VARIANTS = {
+    "smoke": "segnet-basic,bilinear-interpolation",
+    "cpu": "segnet-basic,fcn-basic,bilinear-interpolation",
+    "paper": ",".join(PAPER_TABLE1),
+}
+
+
+@dataclass
+class Table1Config:
+    data: str
+    profile: str = "cpu"
+    variants: str | None = None  # comma-separated model names; default per profile
+    balancing: str = "median_frequency,none"
+    workers_per_trial: int = 1
+    out: str = "table1"
+    storage_path: str = "runs"
+    mlflow_uri: str | None = None
+    experiment: str = "segnet-table1"
+    name: str | None = None
+    address: str | None = None
+
+
+def variants_of(cfg: Table1Config) -> list[str]:
+    names = [v.strip() for v in (cfg.variants or DEFAULT_VARIANTS[cfg.profile]).split(",") if v.strip()]
+    bad = [v for v in names if v not in PAPER_TABLE1]
+    if not names or bad:
+        raise SegNetError(f"--variants {bad or cfg.variants!r}: choose from the Table 1 models: "
+                          f"{', '.join(PAPER_TABLE1)}")  # fmt: skip
+    return names
+
+
+def search_config(cfg: Table1Config) -> TuneConfig:
+    """The profile as a TuneConfig: one trial per grid point, every trial the paper's recipe."""
+    if cfg.profile not in PROFILES:
+        raise SegNetError(f"unknown --profile {cfg.profile!r}; choose one of: {', '.join(PROFILES)}")
+    settings = {k: v for k, v in PROFILES[cfg.profile].items() if k not in ("infer_size", "converge")}
+    return replace(
+        TuneConfig(data=cfg.data, model=variants_of(cfg)[0]), **{**RECIPE, **settings},
+        class_weighting=cfg.balancing, workers_per_trial=cfg.workers_per_trial, storage_path=cfg.storage_path,
+        mlflow_uri=cfg.mlflow_uri, experiment=cfg.experiment, address=cfg.address, num_samples=1,
+    )  # fmt: skip
+
+
+def inference_ms(model: str, size: tuple[int, int], steps: int) -> float:
+    """Milliseconds per image, batch 1, on this machine (the paper's Table 1 column)."""
+    import torch
+
+    spec = {"model": model, "size": size, "batch": 1, "mode": "infer", "steps": steps,
+            "threads": torch.get_num_threads(),
+            "reference": False, "channels_last": True}  # fmt: skip
+    return 1000 * measure_step(spec)["seconds_per_step"]
+
+
+def run_table1(cfg: Table1Config, log=print) -> dict:
+    """Train the grid (variants x balancing) as one Tune experiment, test every trial, write the report."""
+    from ray import tune
+    from ray.tune.stopper import TrialPlateauStopper
+
+    t0 = time.perf_counter()
+    variants, modes = variants_of(cfg), weighting_modes(cfg.balancing)
+    if set(modes) - set(BALANCING):
+        raise SegNetError(f"--balancing {cfg.balancing!r}: Table 1 compares {' and '.join(BALANCING)}")
+    search = search_config(cfg)
+    for v in variants:  # every mistake before Ray starts: the data, the image size for each variant
+        check_config(trial_config(search, LR, modes[0], "check", v))
+    storage = Path(cfg.storage_path).resolve()
+    uri = tracking.tracking_uri(cfg.mlflow_uri)
+    search.mlflow_uri, search.data, search.storage_path = uri, str(Path(cfg.data).resolve()), str(storage)
+    name = cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    profile = PROFILES[cfg.profile]
+    init_ray(cfg.address)
+    manifest_path = Path(search.data) / "manifest.json"
+    parent = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, manifest_id(search.data))
+    tracking.set_tags(uri, parent, {"profile": cfg.profile, "recipe": json.dumps(asdict(search))})
+    log(f"Table 1, profile {cfg.profile}: {len(variants)} variants x {len(modes)} balancing modes at "
+        f"{search.image_size}, {search.epochs} epochs; MLflow experiment {cfg.experiment!r}")  # fmt: skip
+
+    param_space = {
+        "model": tune.grid_search(variants), "class_weighting": tune.grid_search(modes), "lr": LR,
+        "search": asdict(search), "search_name": name, "parent_run_id": parent,
+    }  # fmt: skip
+    stop = (
+        TrialPlateauStopper("train_loss", std=0.002, num_results=10, grace_period=50, mode="min")
+        if profile["converge"]
+        else None
+    )
+    results = make_tuner(search, name, param_space, 1, stop=stop).fit()
+    if results.num_terminated + results.num_errors < len(variants) * len(modes):
+        tracking.end_run(uri, parent, "KILLED")
+        raise SegNetError(f"experiment {name} was interrupted; no report written")
+
+    infer_size = parse_size(profile["infer_size"])
+    infer = {v: inference_ms(v, infer_size, 1 if cfg.profile == "smoke" else 5) for v in variants}
+    rows = []
+    for r in results:
+        model, mode = r.config["model"], r.config["class_weighting"]
+        df = None if r.metrics_dataframe is None else r.metrics_dataframe.dropna(subset=[search.metric])
+        if r.error or df is None or df.empty:
+            raise SegNetError(f"trial {model} / {mode} failed: {str(r.error).splitlines()[0]}")
+        best = df.loc[df[search.metric].idxmax()]
+        test = evaluate(
+            best["checkpoint_path"], search.data, "test", Path(best["checkpoint_path"]) / "eval-test"
+        )
+        run_id = json.loads((Path(best["checkpoint_path"]) / "meta.json").read_text())["mlflow_run_id"]
+        tracking.log_metrics(uri, run_id, {f"test_{k}": test[k] for k in ("global_accuracy", "class_accuracy",
+                                                                         "miou", "bf")}, step=0)  # fmt: skip
+        rows.append({
+            "variant": model, "balancing": mode, "epochs": int(df["epoch"].max()) + 1,
+            "best_epoch": int(best["epoch"]) + 1, "val_G": 100 * float(best[search.metric]),
+            "G": 100 * test["global_accuracy"], "C": 100 * test["class_accuracy"], "mIoU": 100 * test["miou"],
+            "BF": 100 * test["bf"], "mlflow_run_id": run_id, "checkpoint": best["checkpoint_path"],
+        })  # fmt: skip
+    info = {
+        "profile": cfg.profile, "image_size": search.image_size, "epochs": search.epochs,
+        "infer_size": profile["infer_size"], "minutes": (time.perf_counter() - t0) / 60, "name": name,
+        "workers_per_trial": cfg.workers_per_trial,
+        "test_images": read_manifest(search.data)["splits"]["test"]["num_images"],
+    }  # fmt: skip
+    out = write_report(rows, variants, modes, infer, info, Path(cfg.out))
+    tracking.log_artifacts(uri, parent, out, "table1")
+    tracking.end_run(uri, parent)
+    log(f"Table 1 report: {out / 'table1.md'} ({info['minutes']:.1f} minutes)")
+    return {"rows": rows, "out": str(out), "minutes": info["minutes"], "parent_run_id": parent}
+
+
+# ---------------------------------------------------------------- the report
+
+
+def ours_table(rows: list[dict]) -> dict:
+    """{variant: {balancing: (G, C, mIoU, BF)}} from the trial rows."""
+    table: dict = {}
+    for r in rows:
+        table.setdefault(r["variant"], {})[r["balancing"]] = tuple(r[m] for m in MEASURES)
+    return table
+
+
+def check_conclusions(table: dict) -> list[dict]:
+    """The paper's three Table 1 conclusions, each tested on `table` ({variant: {balancing: scores}}).
+    Run on the paper's own figures too, so the criteria are seen to hold there."""
+    out = []
+    learned = [v for v in table if v != "bilinear-interpolation"]
+    # 1. Learned decoders beat bilinear interpolation on every measure.
+    base = table.get("bilinear-interpolation", {})
+    pairs = [(v, m) for v in learned for m in table[v] if m in base]
+    if not pairs:
+        out.append({"claim": 1, "verdict": None, "detail": "needs bilinear and a learned decoder"})
+    else:
+        wins = sum(table[v][m][i] > base[m][i] for v, m in pairs for i in range(4))
+        mean_wins = True
+        for m in {m for _, m in pairs}:
+            mine = [table[v][m] for v, mode in pairs if mode == m]
+            mean_wins &= all(sum(s[i] for s in mine) / len(mine) > base[m][i] for i in range(4))
+        out.append({"claim": 1, "verdict": mean_wins,
+                    "detail": f"the learned decoders' mean beats bilinear on every measure: {mean_wins}; "
+                              f"{wins} of {4 * len(pairs)} single comparisons won"})  # fmt: skip
+    # 2. SegNet-Basic about as good as FCN-Basic (within 2 points of G and mIoU) while storing only indices.
+    modes = [m for m in table.get("segnet-basic", {}) if m in table.get("fcn-basic", {})]
+    if not modes:
+        out.append({"claim": 2, "verdict": None, "detail": "needs segnet-basic and fcn-basic"})
+    else:
+        gaps = {m: (table["segnet-basic"][m][0] - table["fcn-basic"][m][0],
+                    table["segnet-basic"][m][2] - table["fcn-basic"][m][2]) for m in modes}  # fmt: skip
+        ok = all(g >= -2.0 and i >= -2.0 for g, i in gaps.values())
+        detail = "; ".join(f"{BALANCING[m]}: G {g:+.1f}, mIoU {i:+.1f} points" for m, (g, i) in gaps.items())
+        out.append({"claim": 2, "verdict": ok, "detail": f"SegNet-Basic minus FCN-Basic, {detail}"})
+    # 3. Median-frequency balancing raises class average accuracy and mIoU over natural frequency.
+    both = [v for v in table if {"median_frequency", "none"} <= set(table[v])]
+    if not both:
+        out.append({"claim": 3, "verdict": None, "detail": "needs both balancing modes"})
+    else:
+        dc = [table[v]["median_frequency"][1] - table[v]["none"][1] for v in both]
+        di = [table[v]["median_frequency"][2] - table[v]["none"][2] for v in both]
+        ok = sum(dc) > 0 and sum(di) > 0
+        out.append({"claim": 3, "verdict": ok,
+                    "detail": f"mean change C {sum(dc) / len(dc):+.1f}, mIoU {sum(di) / len(di):+.1f} "
+                              "points; "
+                              f"C up in {sum(d > 0 for d in dc)} of {len(dc)} variants, mIoU up in "
+                              f"{sum(d > 0 for d in di)} of {len(di)}"})  # fmt: skip
+    return out
+
+
+CLAIMS = {
+    1: "Learned decoders beat bilinear interpolation on every measure",
+    2: "SegNet-Basic performs about as well as FCN-Basic while storing only the pooling indices",
+    3: "Median-frequency balancing raises class average accuracy (C) and mIoU over natural frequency",
+}
+
+
+def verdict(v: bool | None) -> str:
+    return {True: "reproduced", False: "not reproduced", None: "not tested"}[v]
+
+
+def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> Path:
+    """table1.md, table1.csv and table1.png, written to a temporary folder and renamed into place."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    ours = ours_table(rows)
+    header = ["variant", "paper_name", "params_m", "paper_params_m", "storage", "paper_storage", "infer_ms",
+              "paper_infer_ms", "balancing", "epochs", "best_epoch"]  # fmt: skip
+    header += [f"{w}{m}" for m in MEASURES for w in ("", "paper_")]
+    lines = []
+    for v in variants:
+        model = build_model(v)
+        paper = PAPER_TABLE1[v]
+        for m in modes:
+            row = next(r for r in rows if r["variant"] == v and r["balancing"] == m)
+            values = [v, paper["paper_name"], count_parameters(model) / 1e6, paper["params_m"],
+                      model.storage_multiplier, paper["storage"], infer[v], paper["infer_ms"], m,
+                      row["epochs"], row["best_epoch"]]  # fmt: skip
+            for i, k in enumerate(MEASURES):
+                values += [row[k], paper[m][i]]
+            lines.append(dict(zip(header, values)))
+    with open(tmp / "table1.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, header)
+        writer.writeheader()
+        writer.writerows(lines)
+
+    md = [
+        f"# SegNet Table 1, rerun ({info['profile']} profile)",
+        "",
+        f"Trained at {info['image_size']} for {info['epochs']} epochs per trial ({info['workers_per_trial']} "
+        f"worker(s) each); each trial's checkpoint chosen by validation global accuracy, then scored on "
+        f"the {info['test_images']} test images at full label resolution. Inference timed at "
+        f"{info['infer_size']}, batch 1, on this machine. Ray Tune experiment `{info['name']}`; the whole "
+        f"run took {info['minutes']:.1f} minutes.",
+        "",
+        f"Paper figures: {PAPER_SOURCE}. Each cell reads ours / paper; scores in percent.",
+        "",
+    ]
+    for m in modes:
+        md += [f"## {BALANCING[m]} balancing", "",
+               "| variant | params (M) | storage | infer ms | epochs (best) | G | C | mIoU | BF |",
+               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for line in (x for x in lines if x["balancing"] == m):
+            storage = "n/a" if line["paper_storage"] is None else line["paper_storage"]
+            md.append(
+                f"| {line['paper_name']} | {line['params_m']:.3f} / {line['paper_params_m']} "
+                f"| {line['storage']} / {storage} | {line['infer_ms']:.1f} / {line['paper_infer_ms']} "
+                f"| {line['epochs']} ({line['best_epoch']}) | "
+                + " | ".join(f"{line[k]:.1f} / {line['paper_' + k]}" for k in MEASURES)
+                + " |"
+            )
+        md.append("")
+    paper_table = {v: {m: PAPER_TABLE1[v][m] for m in modes} for v in variants}
+    md += ["## The paper's conclusions, checked on this run", ""]
+    for ours_c, paper_c in zip(check_conclusions(ours), check_conclusions(paper_table)):
+        n = ours_c["claim"]
+        md += [f"{n}. **{CLAIMS[n]}**: {verdict(ours_c['verdict'])} here.",
+               f"   Ours: {ours_c['detail']}.",
+               f"   The paper's figures for the same variants: {paper_c['detail']}.", ""]  # fmt: skip
+    md += ["![test mIoU and BF per variant, ours beside the paper's](table1.png)", ""]
+    (tmp / "table1.md").write_text("\n".join(md))
+    (tmp / "table1.json").write_text(json.dumps({"info": info, "rows": lines}, indent=2))
+    save_table1_chart(lines, modes, tmp / "table1.png")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        out.rename(old)
+        tmp.rename(out)
+        for p in old.iterdir():
+            p.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(out)
+    return out
