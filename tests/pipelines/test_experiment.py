@@ -1,0 +1,99 @@
+import csv
+import json
+import math
+import re
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data_prep import prepare
+from pipelines.experiment import (
+    PAPER_TABLE1,
+    Table1Config,
+    check_conclusions,
+    run_table1,
+    variants_of,
+)
+from segnet import SegNetError, build_model
+from segnet.models import MODELS, count_parameters
+
+FULL_PAPER = {v: {m: PAPER_TABLE1[v][m] for m in ("median_frequency", "none")} for v in PAPER_TABLE1}
+
+
+def test_paper_table_names_every_decoder_variant_with_its_parameter_count():
+    assert set(PAPER_TABLE1) == set(MODELS) - {"segnet"}
+    for name, paper in PAPER_TABLE1.items():
+        ours = count_parameters(build_model(name)) / 1e6
+        assert ours == pytest.approx(paper["params_m"], rel=0.025), name
+
+
+def test_the_paper_figures_pass_the_paper_conclusions():
+    assert [c["verdict"] for c in check_conclusions(FULL_PAPER)] == [True, True, True]
+
+
+def test_conclusions_fail_when_the_numbers_say_otherwise():
+    table = {v: dict(s) for v, s in FULL_PAPER.items()}
+    table["bilinear-interpolation"] = {m: (99.0, 99.0, 99.0, 99.0) for m in ("median_frequency", "none")}
+    table["fcn-basic"] = {m: (99.0, 99.0, 99.0, 99.0) for m in ("median_frequency", "none")}
+    for v in table:  # natural frequency better everywhere
+        table[v]["none"] = tuple(x + 5 for x in table[v]["median_frequency"])
+    assert [c["verdict"] for c in check_conclusions(table)] == [False, False, False]
+
+
+def test_conclusions_are_not_tested_without_the_variants_they_need():
+    table = {"segnet-basic": {"median_frequency": FULL_PAPER["segnet-basic"]["median_frequency"]}}
+    assert [c["verdict"] for c in check_conclusions(table)] == [None, None, None]
+
+
+def test_unknown_variant_is_refused_by_name():
+    with pytest.raises(SegNetError, match="segnet-huge"):
+        variants_of(Table1Config(data="x", variants="segnet-basic,segnet-huge"))
+
+
+@pytest.mark.slow
+def test_smoke_profile_reports_figures_that_came_from_the_run(camvid_dir, ray_local, tmp_path):
+    prepare(camvid_dir, tmp_path / "shards", shard_size=4, limit=12)
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    cfg = Table1Config(
+        data=str(tmp_path / "shards"), profile="smoke", variants="segnet-basic,bilinear-interpolation",
+        out=str(tmp_path / "report"), storage_path=str(tmp_path / "runs"), mlflow_uri=uri, name="t1",
+    )  # fmt: skip
+    summary = run_table1(cfg)
+    out = tmp_path / "report"
+    assert {p.name for p in out.iterdir()} >= {"table1.md", "table1.csv", "table1.png", "table1.json"}
+    assert (out / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(out / "table1.csv")))
+    assert sorted((r["variant"], r["balancing"]) for r in rows) == sorted(
+        (v, m) for v in ("segnet-basic", "bilinear-interpolation") for m in ("median_frequency", "none")
+    )
+    client = MlflowClient(tracking_uri=uri)
+    md = (out / "table1.md").read_text()
+    for r in rows:
+        # every score is the trial's own test score, as logged to its MLflow run
+        trial = next(
+            t for t in summary["rows"] if (t["variant"], t["balancing"]) == (r["variant"], r["balancing"])
+        )
+        logged = client.get_run(trial["mlflow_run_id"]).data.metrics
+        for measure, key in (
+            ("G", "global_accuracy"),
+            ("C", "class_accuracy"),
+            ("mIoU", "miou"),
+            ("BF", "bf"),
+        ):
+            assert float(r[measure]) == pytest.approx(100 * logged[f"test_{key}"])
+            assert f"{float(r[measure]):.1f} / {r['paper_' + measure]}" in md
+        assert float(r["params_m"]) == pytest.approx(count_parameters(build_model(r["variant"])) / 1e6)
+        assert float(r["infer_ms"]) > 0 and math.isfinite(float(r["infer_ms"]))
+        assert int(r["epochs"]) == 1
+    assert not re.search(r"\b(nan|inf|todo|tbd)\b", md, re.IGNORECASE)
+    assert md.count("reproduced here") + md.count("not tested here") == 3
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "table1")} >= {
+        "table1/table1.md", "table1/table1.csv", "table1/table1.png"
+    }  # fmt: skip
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4
+    assert json.loads((out / "table1.json").read_text())["info"]["profile"] == "smoke"
