@@ -154,11 +154,11 @@ def bench_train(
     return figures
 
 
-def matmul_flops_per_s(n: int = 2048, seconds: float = 1.0) -> float:
-    """The machine's dense fp32 matmul rate in this process: the denominator of MFU."""
+def matmul_flops_per_s(n: int = 2048, seconds: float = 1.0, dtype=None) -> float:
+    """The machine's dense matmul rate in this process (fp32, or bf16 for autocast): MFU's denominator."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -184,7 +184,13 @@ def measure_step(spec: dict) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
-    model = build_reference(spec["model"]) if spec["reference"] else build_model(spec["model"])
+    from segnet.layers import fold_batch_norm
+
+    options = {"recompute": True} if spec.get("recompute") else {}
+    model = build_reference(spec["model"]) if spec["reference"] else build_model(spec["model"], **options)
+    train = spec["mode"] == "train"
+    if not train and not spec["reference"]:  # ours infers with batch norm folded into the convs
+        model = fold_batch_norm(model)
     x = torch.randn(spec["batch"], 3, *spec["size"])
     y = torch.randint(0, 11, (spec["batch"], *spec["size"]))
     if spec["channels_last"]:
@@ -192,18 +198,21 @@ def measure_step(spec: dict) -> dict:
             model.to(memory_format=torch.channels_last),
             x.contiguous(memory_format=torch.channels_last),
         )
-    train = spec["mode"] == "train"
     model.train(train)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("amp", False))
+
     def step():
         if train:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            with autocast:
+                out = model(x)
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 model(x)
 
     base = _rss_bytes()
@@ -222,7 +231,8 @@ def measure_step(spec: dict) -> dict:
 
 
 def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 3, baseline: bool = False,
-                channels_last: bool = True, threads: int | None = None) -> dict:  # fmt: skip
+                channels_last: bool = True, threads: int | None = None, recompute: bool = False,
+                amp: bool = False) -> dict:  # fmt: skip
     """Step time, images/s, FLOPs, achieved FLOP/s, MFU against this process's matmul rate, and peak
     memory (CPU: resident-set growth of the step); with `baseline`, the plain reference in the same run."""
     import multiprocessing
@@ -240,11 +250,13 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     }
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1, maxtasksperchild=1) as pool:
-        ours = pool.apply(measure_step, ({**spec, "reference": False, "channels_last": channels_last},))
-    matmul = matmul_flops_per_s()
+        ours = pool.apply(measure_step, ({**spec, "reference": False, "channels_last": channels_last,
+                                          "recompute": recompute, "amp": amp},))  # fmt: skip
+    matmul = matmul_flops_per_s(dtype=torch.bfloat16 if amp else torch.float32)
     figures = {
         "model": model, "mode": mode, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
-        "threads": threads, "channels_last": channels_last, **ours,
+        "threads": threads, "channels_last": channels_last, "recompute": recompute,
+        "precision": "bf16 autocast" if amp else "fp32", **ours,
         "images_per_s": batch / ours["seconds_per_step"],
         "achieved_flops_per_s": ours["flops_per_image"] * batch / ours["seconds_per_step"],
         "matmul_flops_per_s": matmul,

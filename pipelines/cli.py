@@ -179,7 +179,8 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     from pipelines.bench import bench_model
 
     figures = bench_model(args.model, parse_size(args.image_size), args.batch_size, args.mode, args.steps,
-                          args.baseline, not args.no_channels_last)  # fmt: skip
+                          args.baseline, not args.no_channels_last, recompute=args.recompute,
+                          amp=args.amp)  # fmt: skip
     print(
         json.dumps(figures, indent=2) if args.json else "\n".join(f"{k:<28} {v}" for k, v in figures.items())
     )
@@ -227,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPU workers")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="segnet: recompute full-resolution blocks in backward (less memory)",
+    )
     p.add_argument(
         "--metric", default="val_miou", help="checkpoint selection: val_miou | val_global_accuracy"
     )
@@ -380,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up")
     p.add_argument("--baseline", action="store_true", help="also time the plain reference implementation")
     p.add_argument("--no-channels-last", action="store_true", help="time ours in NCHW-contiguous layout")
+    p.add_argument("--recompute", action="store_true", help="segnet: recompute the full-resolution blocks")
+    p.add_argument(
+        "--amp", action="store_true", help="ours in bf16 autocast; MFU against the bf16 matmul rate"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
     return parser

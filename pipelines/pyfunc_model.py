@@ -19,6 +19,7 @@ class SegNetModel(mlflow.pyfunc.PythonModel):
         from data_prep.augment import MEAN, STD
         from segnet import build_model
         from segnet.errors import SegNetError
+        from segnet.layers import fold_batch_norm
 
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         weights = Path(context.artifacts["weights"])
@@ -35,7 +36,7 @@ class SegNetModel(mlflow.pyfunc.PythonModel):
         except Exception as e:  # noqa: BLE001 - any unreadable weights get one clear message
             raise SegNetError(f"{weights} could not be loaded as weights: {e}") from e
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device).eval()
+        self.model = fold_batch_norm(model).to(self.device)
         self.size = tuple(meta["image_size"])
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)

@@ -60,6 +60,7 @@ class TrainConfig:
     sync_bn: bool = False
     amp: bool = False
     channels_last: bool = False
+    recompute: bool = False  # segnet: full-resolution blocks recomputed in backward
     metric: str = "val_miou"
     max_failures: int = 0
     keep_checkpoints: int = 3
@@ -106,6 +107,8 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
         raise SegNetError(
             f"--image-size {h}x{w} is too small for {cfg.model}: each side must be >= {smallest}"
         )
+    if cfg.recompute and cfg.model != "segnet":
+        raise SegNetError(f"--recompute applies to segnet only, not {cfg.model!r}")
     if cfg.sync_bn and cfg.gpus_per_worker <= 0:
         raise SegNetError(
             "--sync-bn needs GPU workers (--gpus-per-worker > 0): SyncBatchNorm runs on CUDA only"
@@ -225,6 +228,8 @@ def model_options(cfg: dict, weights: bool = True) -> dict:
     options = {}
     if cfg.get("dropout"):
         options["dropout"] = cfg["dropout"]
+    if cfg.get("recompute"):
+        options["recompute"] = True
     if weights and cfg.get("vgg16_weights"):
         options["vgg16_weights"] = cfg["vgg16_weights"]
     return options

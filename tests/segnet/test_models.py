@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from segnet import SegNetError, build_model, count_parameters, list_models
-from segnet.layers import pool, unpool
+from segnet.layers import flat_indices, fold_batch_norm, pool, unpool
 
 # Table 1 (decoder variants, SegNet-Basic encoder) and Table 6 (SegNet), in millions, 11 classes.
 PAPER_PARAMS = {
@@ -82,18 +82,37 @@ def test_too_small_input_is_a_clear_error(name):
 
 def test_unpool_restores_values_at_argmax_positions():
     x = torch.randn(2, 3, 7, 9)
-    y, idx, size = pool(x)
-    up = unpool(y, idx, size)
+    y, pos, size = pool(x)
+    up = unpool(y, pos, size)
     assert up.shape == x.shape
     flat_x, flat_up = x.flatten(2), up.flatten(2)
-    pos = idx.flatten(2)
+    idx = flat_indices(pos, size).flatten(2)
     # every pooled max lands where it came from, with its value
-    assert torch.equal(flat_up.gather(2, pos), flat_x.gather(2, pos))
-    assert torch.equal(flat_up.gather(2, pos), y.flatten(2))
+    assert torch.equal(flat_up.gather(2, idx), flat_x.gather(2, idx))
+    assert torch.equal(flat_up.gather(2, idx), y.flatten(2))
     # and everything else is zero
-    mask = torch.zeros_like(flat_up, dtype=torch.bool).scatter_(2, pos, True)
+    mask = torch.zeros_like(flat_up, dtype=torch.bool).scatter_(2, idx, True)
     assert (flat_up[~mask] == 0).all()
     assert mask.sum() == y.numel()
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (45, 60)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compact_pooling_matches_torch_pooling_with_int64_indices(size, channels_last):
+    """Outputs and gradients of pool -> unpool equal nn.MaxPool2d/nn.MaxUnpool2d's, with 1-byte indices."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, *size).contiguous(memory_format=fmt).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 5, *size)
+    y, pos, s = pool(x)
+    out = unpool(y * 2, pos, s)
+    out.backward(g)
+    ry, idx = torch.nn.functional.max_pool2d(ref, 2, 2, return_indices=True)
+    rout = torch.nn.functional.max_unpool2d(ry * 2, idx, 2, 2, output_size=size)
+    rout.backward(g)
+    assert pos.dtype == torch.int8 and torch.equal(flat_indices(pos, s), idx)
+    assert torch.equal(y, ry) and torch.equal(out, rout)
+    assert torch.equal(x.grad, ref.grad)
 
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
@@ -194,3 +213,34 @@ def test_segnet_models_json_cli():
     for name, row in rows.items():
         assert abs(row["parameters"] / 1e6 - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.03
         assert row["storage_multiplier"] == PAPER_STORAGE[name]
+
+
+def test_recomputed_segnet_trains_exactly_like_the_stored_one():
+    """Recomputing the full-resolution blocks in backward saves memory and changes nothing else: same
+    outputs, gradients and batch-norm running statistics (which must not count the batch twice)."""
+    torch.manual_seed(0)
+    plain = build_model("segnet")
+    recomputing = build_model("segnet", recompute=True)
+    recomputing.load_state_dict(plain.state_dict())
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 11, (2, 64, 64))
+    for model in (plain, recomputing):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    for (n, p), q in zip(plain.named_parameters(), recomputing.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+    for (n, a), b in zip(plain.state_dict().items(), recomputing.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("name", ["segnet", "segnet-basic", "fcn-basic"])
+def test_folded_batch_norm_infers_like_the_model(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    with torch.no_grad():  # give batch norm statistics that are not the identity
+        model.train()(torch.randn(2, 3, 64, 64))
+    model.eval()
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
