@@ -6,7 +6,7 @@ PIP := $(BIN)/pip install -c constraints.txt
 CAMVID_DIR ?= ../shared/camvid
 export CAMVID_DIR
 
-.PHONY: install test test-fast lint run clean
+.PHONY: install test test-fast lint run table1 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: install
 
 run: install
 	$(BIN)/segnet run
+
+table1: install
+	CAMVID_DIR=$(CAMVID_DIR) $(BIN)/segnet experiment table1 --profile cpu --out docs/table1-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -108,10 +108,18 @@ def variants_of(cfg: Table1Config) -> list[str]:
     return names
 
 
-def search_config(cfg: Table1Config) -> TuneConfig:
-    """The profile as a TuneConfig: one trial per grid point, every trial the paper's recipe."""
+def check_table1(cfg: Table1Config) -> tuple[list[str], list[str]]:
+    """The grid's variants and balancing modes, or a clear error before anything starts."""
     if cfg.profile not in PROFILES:
         raise SegNetError(f"unknown --profile {cfg.profile!r}; choose one of: {', '.join(PROFILES)}")
+    modes = weighting_modes(cfg.balancing)
+    if set(modes) - set(BALANCING):
+        raise SegNetError(f"--balancing {cfg.balancing!r}: Table 1 compares {' and '.join(BALANCING)}")
+    return variants_of(cfg), modes
+
+
+def search_config(cfg: Table1Config) -> TuneConfig:
+    """The profile as a TuneConfig: one trial per grid point, every trial the paper's recipe."""
     settings = {k: v for k, v in PROFILES[cfg.profile].items() if k not in ("infer_size", "converge")}
     return replace(
         TuneConfig(data=cfg.data, model=variants_of(cfg)[0]), **{**RECIPE, **settings},
@@ -136,9 +144,7 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
     from ray.tune.stopper import TrialPlateauStopper
 
     t0 = time.perf_counter()
-    variants, modes = variants_of(cfg), weighting_modes(cfg.balancing)
-    if set(modes) - set(BALANCING):
-        raise SegNetError(f"--balancing {cfg.balancing!r}: Table 1 compares {' and '.join(BALANCING)}")
+    variants, modes = check_table1(cfg)
     search = search_config(cfg)
     for v in variants:  # every mistake before Ray starts: the data, the image size for each variant
         check_config(trial_config(search, LR, modes[0], "check", v))

@@ -2,6 +2,8 @@ import csv
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -48,6 +50,21 @@ def test_conclusions_are_not_tested_without_the_variants_they_need():
 def test_unknown_variant_is_refused_by_name():
     with pytest.raises(SegNetError, match="segnet-huge"):
         variants_of(Table1Config(data="x", variants="segnet-basic,segnet-huge"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--variants", "segnet-basic,segnet-huge"], "segnet-huge"),
+     (["--balancing", "inverse_frequency"], "Table 1 compares"),
+     (["--profile", "huge"], "invalid choice")],
+)  # fmt: skip
+def test_cli_refuses_a_bad_grid_before_starting_anything(args, message, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "experiment", "table1", "--data", str(tmp_path / "x"), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and message in r.stderr
+    assert not (tmp_path / "x").exists()  # nothing prepared, nothing written
 
 
 @pytest.mark.slow
