@@ -30,7 +30,7 @@ run: install
 	$(BIN)/segnet run
 
 table1: install
-	CAMVID_DIR=$(CAMVID_DIR) $(BIN)/segnet experiment table1 --profile cpu --out docs/table1-cpu
+	$(BIN)/segnet experiment table1 --profile cpu --out docs/table1-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
