@@ -154,16 +154,20 @@ def bench_train(
     return figures
 
 
-def matmul_flops_per_s(n: int = 2048, seconds: float = 1.0, dtype=None) -> float:
+def matmul_flops_per_s(n: int = 2048, seconds: float = 1.0, dtype=None, device: str = "cpu") -> float:
     """The machine's dense matmul rate in this process (fp32, or bf16 for autocast): MFU's denominator."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = n * 4 if device == "cuda" else n  # a GPU needs a bigger product to reach its rate
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b
+    sync()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
+        sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
@@ -173,7 +177,8 @@ def _rss_bytes() -> int:
 
 
 def measure_step(spec: dict) -> dict:
-    """Runs in a fresh process, so the peak resident set belongs to this model's step alone."""
+    """Runs in a fresh process, so the peak memory belongs to this model's step alone (CPU: resident-set
+    growth; GPU: torch.cuda.max_memory_allocated growth)."""
     import resource
 
     import torch
@@ -181,18 +186,21 @@ def measure_step(spec: dict) -> dict:
 
     from pipelines.reference import build_reference
     from segnet import build_model
+    from segnet.layers import fold_batch_norm
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
-    from segnet.layers import fold_batch_norm
-
+    device = spec.get("device", "cpu")
+    cuda = device == "cuda"
+    torch.backends.cudnn.benchmark = True
     options = {"recompute": True} if spec.get("recompute") else {}
     model = build_reference(spec["model"]) if spec["reference"] else build_model(spec["model"], **options)
     train = spec["mode"] == "train"
     if not train and not spec["reference"]:  # ours infers with batch norm folded into the convs
         model = fold_batch_norm(model)
-    x = torch.randn(spec["batch"], 3, *spec["size"])
-    y = torch.randint(0, 11, (spec["batch"], *spec["size"]))
+    model = model.to(device)
+    x = torch.randn(spec["batch"], 3, *spec["size"], device=device)
+    y = torch.randint(0, 11, (spec["batch"], *spec["size"]), device=device)
     if spec["channels_last"]:
         model, x = (
             model.to(memory_format=torch.channels_last),
@@ -201,7 +209,8 @@ def measure_step(spec: dict) -> dict:
     model.train(train)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("amp", False))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=spec.get("amp", False))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
         if train:
@@ -215,13 +224,19 @@ def measure_step(spec: dict) -> dict:
             with torch.no_grad(), autocast:
                 model(x)
 
-    base = _rss_bytes()
+    base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     step()  # warm-up; also allocates what the step needs
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    sync()
+    peak = (
+        torch.cuda.max_memory_allocated() - base
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    )
     times = []
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     with FlopCounterMode(display=False) as counter:
         step()
@@ -240,7 +255,9 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     import torch
 
     threads = threads or torch.get_num_threads()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = {
+        "device": device,
         "model": model,
         "size": tuple(size),
         "batch": batch,
@@ -252,8 +269,9 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         ours = pool.apply(measure_step, ({**spec, "reference": False, "channels_last": channels_last,
                                           "recompute": recompute, "amp": amp},))  # fmt: skip
-    matmul = matmul_flops_per_s(dtype=torch.bfloat16 if amp else torch.float32)
+    matmul = matmul_flops_per_s(dtype=torch.bfloat16 if amp else torch.float32, device=device)
     figures = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "model": model, "mode": mode, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
         "threads": threads, "channels_last": channels_last, "recompute": recompute,
         "precision": "bf16 autocast" if amp else "fp32", **ours,
