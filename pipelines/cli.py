@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg16-weights", default=None, help="local VGG16(-BN) state dict for the encoder")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPU workers")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="train in NCHW layout (default: channels_last, faster here)")  # fmt: skip
     p.add_argument(
         "--recompute",
         action="store_true",

@@ -36,7 +36,7 @@ class SegNetModel(mlflow.pyfunc.PythonModel):
         except Exception as e:  # noqa: BLE001 - any unreadable weights get one clear message
             raise SegNetError(f"{weights} could not be loaded as weights: {e}") from e
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = fold_batch_norm(model).to(self.device)
+        self.model = fold_batch_norm(model).to(self.device, memory_format=torch.channels_last)
         self.size = tuple(meta["image_size"])
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
@@ -48,7 +48,7 @@ class SegNetModel(mlflow.pyfunc.PythonModel):
         x = (x - self.mean) / self.std
         if tuple(size) != self.size:  # the model sees the size it was trained at
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        logits = self.model(x)
+        logits = self.model(x.contiguous(memory_format=torch.channels_last))
         if tuple(size) != self.size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits.float().cpu().numpy()

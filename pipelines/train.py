@@ -59,7 +59,7 @@ class TrainConfig:
     vgg16_weights: str | None = None
     sync_bn: bool = False
     amp: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC: faster convs and pooling on CPU (docs/benchmarks.md)
     recompute: bool = False  # segnet: full-resolution blocks recomputed in backward
     metric: str = "val_miou"
     max_failures: int = 0

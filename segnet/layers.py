@@ -20,14 +20,48 @@ def conv_bn(in_ch: int, out_ch: int, kernel: int, relu: bool = True, groups: int
     return nn.Sequential(*layers)
 
 
-def window_position(idx: torch.Tensor, width: int) -> torch.Tensor:
-    """The argmax's place in its 2x2 window (0..3), one byte instead of an int64 flat index (Sec. 3: two
-    bits per window suffice)."""
-    return (((idx // width) % 2) * 2 + (idx % width) % 2).to(torch.int8)
+WINDOW = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 2x2 window's cells in row-major order: position 0..3
+
+
+def _cells(t: torch.Tensor, h: int, w: int) -> list[torch.Tensor]:
+    """The four strided views of t holding each window's cell 0..3 (floor mode: odd edges left out)."""
+    return [t[..., a : 2 * h : 2, b : 2 * w : 2] for a, b in WINDOW]
+
+
+def window_positions(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Where each window's max sits (0..3, int8), the first in row-major order as max_pool2d picks it."""
+    c0, c1, c2, _ = _cells(x, *y.shape[-2:])
+    three = torch.full_like(y, 3, dtype=torch.int8)
+    pos = torch.where(c2 == y, 2, three)
+    pos = torch.where(c1 == y, 1, pos)
+    return torch.where(c0 == y, 0, pos).to(torch.int8)
+
+
+def scatter_windows(v: torch.Tensor, pos: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Each value of v placed at its window position in a zero map of `size` (max unpooling)."""
+    h, w = v.shape[-2:]
+    fmt = torch.channels_last if _nhwc(v) else torch.contiguous_format
+    out = torch.empty(*v.shape[:-2], *size, dtype=v.dtype, device=v.device, memory_format=fmt)
+    if tuple(size) != (2 * h, 2 * w):  # floor pooling left an odd edge that no window covers
+        out.zero_()
+    zero = v.new_zeros(())
+    for k, cell in enumerate(_cells(out, h, w)):
+        cell.copy_(torch.where(pos == k, v, zero))
+    return out
+
+
+def gather_windows(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The value of t at each window's position (the gradient of max unpooling)."""
+    c0, c1, c2, c3 = _cells(t, *pos.shape[-2:])
+    return torch.where(pos == 0, c0, torch.where(pos == 1, c1, torch.where(pos == 2, c2, c3)))
+
+
+def _nhwc(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def flat_indices(pos: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Back from window positions to the flat indices that max_unpool2d takes, for an input of `size`."""
+    """The int64 flat indices that max_pool2d returns, from window positions: the encoding's definition."""
     h, w = pos.shape[-2:]
     rows = torch.arange(h, device=pos.device).mul_(2 * size[-1]).view(h, 1)
     cols = torch.arange(w, device=pos.device).mul_(2).view(1, w)
@@ -36,12 +70,12 @@ def flat_indices(pos: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 
 class _MaxPool(torch.autograd.Function):
-    """2x2 max pooling that keeps only the compact window positions for its backward pass."""
+    """2x2 max pooling that keeps only the window positions (1 byte each) for its backward pass."""
 
     @staticmethod
     def forward(ctx, x):
-        y, idx = F.max_pool2d(x, 2, 2, return_indices=True)
-        pos = window_position(idx, x.shape[-1])
+        y = F.max_pool2d(x, 2, 2)
+        pos = window_positions(x, y)
         ctx.size = x.shape[-2:]
         ctx.save_for_backward(pos)
         ctx.mark_non_differentiable(pos)
@@ -50,23 +84,21 @@ class _MaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         (pos,) = ctx.saved_tensors
-        return F.max_unpool2d(grad, flat_indices(pos, ctx.size), 2, 2, output_size=ctx.size)
+        return scatter_windows(grad, pos, ctx.size)
 
 
 class _MaxUnpool(torch.autograd.Function):
-    """The inverse of `_MaxPool`; its backward gathers the gradient at the same compact positions."""
+    """The inverse of `_MaxPool`; its backward gathers the gradient at the same window positions."""
 
     @staticmethod
     def forward(ctx, x, pos, size):
-        ctx.size = size
         ctx.save_for_backward(pos)
-        return F.max_unpool2d(x, flat_indices(pos, size), 2, 2, output_size=size)
+        return scatter_windows(x, pos, size)
 
     @staticmethod
     def backward(ctx, grad):
         (pos,) = ctx.saved_tensors
-        idx = flat_indices(pos, ctx.size).flatten(-2)
-        return grad.flatten(-2).gather(-1, idx).view_as(pos), None, None
+        return gather_windows(grad, pos), None, None
 
 
 def pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
