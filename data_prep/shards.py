@@ -225,6 +225,9 @@ def prepare(
     for row in ds.map(write_shard, concurrency=workers).iter_rows():
         results.append(row)
         log(f"  shard {len(results)}/{len(tasks)}: {row['file']}" + (" FAILED" if row["error"] else ""))
+    if len(results) < len(tasks):  # Ray Data can end the iteration quietly when interrupted
+        done = f"{len(results)} of {len(tasks)}"
+        raise SegNetError(f"interrupted: {done} shards written, so no manifest; run prepare again")
     errors = sorted(r["error"] for r in results if r["error"])
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
