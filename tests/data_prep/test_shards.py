@@ -207,7 +207,10 @@ def test_interrupted_run_leaves_no_manifest_then_recovers(camvid_dir, tmp_path):
     out = tmp_path / "out"
     args = ["prepare", "--source", str(camvid_dir), "--out", str(out), "--limit", "60", "--shard-size", "1"]
     args += ["--workers", "1"]
-    proc = _segnet(*args, start_new_session=True)
+    # Ctrl-C's SIGINT, delivered even when this test runs in a background job (which inherits SIGINT ignored)
+    proc = _segnet(
+        *args, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     deadline = time.time() + 240
     while not list(out.glob("*.arrow")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
