@@ -193,7 +193,7 @@ def measure_step(spec: dict) -> dict:
     device = spec.get("device", "cpu")
     cuda = device == "cuda"
     torch.backends.cudnn.benchmark = True
-    options = {"recompute": True} if spec.get("recompute") else {}
+    options = {"recompute": spec["recompute"]} if spec.get("recompute") else {}
     model = build_reference(spec["model"]) if spec["reference"] else build_model(spec["model"], **options)
     train = spec["mode"] == "train"
     if not train and not spec["reference"]:  # ours infers with batch norm folded into the convs
@@ -246,7 +246,7 @@ def measure_step(spec: dict) -> dict:
 
 
 def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 3, baseline: bool = False,
-                channels_last: bool = True, threads: int | None = None, recompute: bool = False,
+                channels_last: bool = True, threads: int | None = None, recompute: int = 0,
                 amp: bool = False) -> dict:  # fmt: skip
     """Step time, images/s, FLOPs, achieved FLOP/s, MFU against this process's matmul rate, and peak
     memory (CPU: resident-set growth of the step); with `baseline`, the plain reference in the same run."""

@@ -232,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in NCHW layout (default: channels_last, faster here)")  # fmt: skip
     p.add_argument(
         "--recompute",
-        action="store_true",
-        help="segnet: recompute full-resolution blocks in backward (less memory)",
+        type=int,
+        default=None,
+        metavar="N",
+        help="segnet: recompute the N largest resolutions' blocks in backward (less memory)",
     )
     p.add_argument(
         "--metric", default="val_miou", help="checkpoint selection: val_miou | val_global_accuracy"
@@ -388,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up")
     p.add_argument("--baseline", action="store_true", help="also time the plain reference implementation")
     p.add_argument("--no-channels-last", action="store_true", help="time ours in NCHW-contiguous layout")
-    p.add_argument("--recompute", action="store_true", help="segnet: recompute the full-resolution blocks")
+    p.add_argument(
+        "--recompute", type=int, default=0, metavar="N", help="segnet: recompute N resolution levels"
+    )
     p.add_argument(
         "--amp", action="store_true", help="ours in bf16 autocast; MFU against the bf16 matmul rate"
     )

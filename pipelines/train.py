@@ -60,7 +60,7 @@ class TrainConfig:
     sync_bn: bool = False
     amp: bool = False
     channels_last: bool = True  # NHWC: faster convs and pooling on CPU (docs/benchmarks.md)
-    recompute: bool = False  # segnet: full-resolution blocks recomputed in backward
+    recompute: int = 0  # segnet: blocks of the N largest resolutions recomputed in backward
     metric: str = "val_miou"
     max_failures: int = 0
     keep_checkpoints: int = 3
@@ -107,6 +107,8 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
         raise SegNetError(
             f"--image-size {h}x{w} is too small for {cfg.model}: each side must be >= {smallest}"
         )
+    if not 0 <= cfg.recompute <= 5:
+        raise SegNetError(f"--recompute {cfg.recompute}: choose 0 (off) to 5 resolution levels")
     if cfg.recompute and cfg.model != "segnet":
         raise SegNetError(f"--recompute applies to segnet only, not {cfg.model!r}")
     if cfg.sync_bn and cfg.gpus_per_worker <= 0:
@@ -229,7 +231,7 @@ def model_options(cfg: dict, weights: bool = True) -> dict:
     if cfg.get("dropout"):
         options["dropout"] = cfg["dropout"]
     if cfg.get("recompute"):
-        options["recompute"] = True
+        options["recompute"] = cfg["recompute"]
     if weights and cfg.get("vgg16_weights"):
         options["vgg16_weights"] = cfg["vgg16_weights"]
     return options
