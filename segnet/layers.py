@@ -29,7 +29,8 @@ def _cells(t: torch.Tensor, h: int, w: int) -> list[torch.Tensor]:
 
 
 def window_positions(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Where each window's max sits (0..3, int8), the first in row-major order as max_pool2d picks it."""
+    """Where each window's max sits (0..3, int8), the first in row-major order as max_pool2d picks it
+    (a window whose max is NaN points at cell 3)."""
     c0, c1, c2, _ = _cells(x, *y.shape[-2:])
     three = torch.full_like(y, 3, dtype=torch.int8)
     pos = torch.where(c2 == y, 2, three)
@@ -129,8 +130,8 @@ def batch_norm_stats_frozen(module: nn.Module):
 
 
 def recomputed(fn, module: nn.Module, *args):
-    """Run fn(*args) keeping only its inputs for backward, recomputing the rest then: full-resolution maps
-    hold most of a training step's memory, and their convs are a small share of its FLOPs."""
+    """Run fn(*args) keeping only its inputs for backward, recomputing the rest then: the largest maps hold
+    most of a training step's memory, and their convs are a small share of its FLOPs."""
     from torch.utils.checkpoint import checkpoint
 
     def contexts():
