@@ -181,6 +181,7 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
         model, mode = r.config["model"], r.config["class_weighting"]
         df = None if r.metrics_dataframe is None else r.metrics_dataframe.dropna(subset=[search.metric])
         if r.error or df is None or df.empty:
+            tracking.end_run(uri, parent, "FAILED")
             raise SegNetError(f"trial {model} / {mode} failed: {str(r.error).splitlines()[0]}")
         best = df.loc[df[search.metric].idxmax()]
         test = evaluate(
