@@ -13,7 +13,7 @@ from pipelines import tracking
 from pipelines.bench import measure_step
 from pipelines.evaluate import evaluate
 from pipelines.plots import save_table1_chart
-from pipelines.train import check_config
+from pipelines.train import check_config, check_resources
 from pipelines.tune import TuneConfig, make_tuner, trial_config, weighting_modes
 from segnet.errors import SegNetError
 from segnet.models import build_model, count_parameters
@@ -154,6 +154,7 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
     name = cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     profile = PROFILES[cfg.profile]
     init_ray(cfg.address)
+    check_resources(trial_config(search, LR, modes[0], "check"))  # e.g. the paper profile without GPUs
     manifest_path = Path(search.data) / "manifest.json"
     parent = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, manifest_id(search.data))
     tracking.set_tags(uri, parent, {"profile": cfg.profile, "recipe": json.dumps(asdict(search))})
