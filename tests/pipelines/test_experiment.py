@@ -67,12 +67,29 @@ def test_cli_refuses_a_bad_grid_before_starting_anything(args, message, tmp_path
     assert not (tmp_path / "x").exists()  # nothing prepared, nothing written
 
 
+@pytest.fixture(scope="module")
+def shards(camvid_dir, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    prepare(camvid_dir, out, shard_size=4, limit=12)
+    return out
+
+
 @pytest.mark.slow
-def test_smoke_profile_reports_figures_that_came_from_the_run(camvid_dir, ray_local, tmp_path):
-    prepare(camvid_dir, tmp_path / "shards", shard_size=4, limit=12)
+def test_paper_profile_without_gpus_is_refused_before_any_trial(shards, tmp_path):
+    cfg = Table1Config(
+        data=str(shards), profile="paper", variants="segnet-basic", out=str(tmp_path / "r"),
+        storage_path=str(tmp_path / "runs"), mlflow_uri=f"sqlite:///{tmp_path}/m.db",
+    )  # fmt: skip
+    with pytest.raises(SegNetError, match="GPUs"):
+        run_table1(cfg)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_smoke_profile_reports_figures_that_came_from_the_run(shards, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     cfg = Table1Config(
-        data=str(tmp_path / "shards"), profile="smoke", variants="segnet-basic,bilinear-interpolation",
+        data=str(shards), profile="smoke", variants="segnet-basic,bilinear-interpolation",
         out=str(tmp_path / "report"), storage_path=str(tmp_path / "runs"), mlflow_uri=uri, name="t1",
     )  # fmt: skip
     summary = run_table1(cfg)
