@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp_sub = exp.add_subparsers(dest="experiment_command", required=True)
     p = exp_sub.add_parser("table1", help="Table 1: decoder variants x class balancing, one Ray Tune grid")
     profiles = (
-        "smoke: minutes, for tests; cpu: 90x120, 12 epochs, ~1 h on 2 cores for the default 3 variants x 2 "
+        "smoke: minutes, for tests; cpu: 90x120, 20 epochs, ~1 h on 2 cores for the default 3 variants x 2 "
         "balancings; paper: 360x480 until the loss converges, on GPUs"
     )
     p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help=profiles)
