@@ -1,6 +1,5 @@
 """Albumentations pipelines and the torch input path for training and evaluation."""
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -10,22 +9,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_prep.camvid import VOID
+from data_prep.device_augment import MEAN, STD, AugmentConfig, normalize
 from data_prep.shards import ShardReader
 from segnet.errors import SegNetError
 
-# ImageNet statistics: the VGG16 encoder SegNet starts from was trained on them.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class AugmentConfig:
-    height: int = 360
-    width: int = 480
-    scale_min: float = 0.75
-    scale_max: float = 1.5
-    hflip: float = 0.5
-    jitter: float = 0.2  # brightness / contrast / saturation strength; 0 turns photometric jitter off
+__all__ = ["MEAN", "STD", "AugmentConfig", "normalize"]  # defined with the device-side path
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -73,13 +61,6 @@ def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torc
     # Samples read straight from a memory-mapped shard are read-only: copy those, and only those.
     x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).contiguous()
     return x, torch.from_numpy(np.require(label, requirements=["C", "W"])).long()
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) batch -> float, scaled to [0, 1] and standardised with ImageNet statistics."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
 
 
 class ShardDataset(Dataset):

@@ -1,4 +1,8 @@
-"""`segnet bench`: measured figures, printed (and as JSON), never asserted by tests."""
+"""`segnet bench`: measured figures, printed (and as JSON), never asserted by tests.
+
+The step benches import nothing beyond torch and the project's models, so the GPU check can run them on
+a machine without albumentations or Ray.
+"""
 
 import os
 import time
@@ -6,10 +10,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from data_prep.augment import AugmentConfig, ShardDataset, make_loader, to_tensors, train_transform
-from data_prep.camvid import find_pairs
-from data_prep.shards import ShardReader, read_manifest
 
 
 def _rate(fn, n: int) -> float:
@@ -30,6 +30,10 @@ def bench_data(
     loaders=False,
 ):
     """Samples/s of the three input paths, one after the other in this process, on the same samples."""
+    from data_prep.augment import AugmentConfig, to_tensors, train_transform
+    from data_prep.camvid import find_pairs
+    from data_prep.shards import ShardReader, read_manifest
+
     reader = ShardReader(shard_dir, split)
     n = min(n, len(reader))
     pairs = find_pairs(source)[split][:n]
@@ -75,6 +79,7 @@ def bench_loaders(shard_dir, split: str, size, batch_size: int = 12, workers: in
     """Augmented training samples/s over a whole split: torch DataLoader workers against Ray Data."""
     import ray
 
+    from data_prep.augment import AugmentConfig, ShardDataset, make_loader, train_transform
     from data_prep.shards import init_ray, ray_dataset
 
     transform = train_transform(AugmentConfig(*size), seed=0)
@@ -116,8 +121,10 @@ def bench_train(
     import torch
 
     from data_prep.augment import AugmentConfig as Aug
+    from data_prep.augment import ShardDataset, make_loader, train_transform
     from data_prep.shards import read_manifest as manifest_of
-    from pipelines.train import TrainConfig, train, train_epoch
+    from pipelines.engine import train_epoch
+    from pipelines.train import TrainConfig, train
     from segnet import build_model, segmentation_loss
 
     manifest = manifest_of(shard_dir)
@@ -154,21 +161,25 @@ def bench_train(
     return figures
 
 
-def matmul_flops_per_s(n: int = 2048, seconds: float = 1.0, dtype=None, device: str = "cpu") -> float:
-    """The machine's dense matmul rate in this process (fp32, or bf16 for autocast): MFU's denominator."""
+def matmul_rate(dtype=None, device: str = "cpu", reps: int = 5, seconds: float = 0.3) -> dict:
+    """The dense matmul rate of this machine now: the best of `reps` timed bursts (fp32, or bf16 for
+    autocast), with the spread, so that one slow burst on a shared machine does not set MFU's denominator."""
     import torch
 
-    n = n * 4 if device == "cuda" else n  # a GPU needs a bigger product to reach its rate
+    n = 8192 if device == "cuda" else 2048  # a GPU needs a bigger product to reach its rate
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b
     sync()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-        sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(reps):
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            count += 1
+            sync()
+        rates.append(2 * n**3 * count / (time.perf_counter() - t0))
+    return {"best": max(rates), "worst": min(rates)}
 
 
 def _rss_bytes() -> int:
@@ -178,7 +189,7 @@ def _rss_bytes() -> int:
 
 def measure_step(spec: dict) -> dict:
     """Runs in a fresh process, so the peak memory belongs to this model's step alone (CPU: resident-set
-    growth; GPU: torch.cuda.max_memory_allocated growth)."""
+    growth; GPU: torch.cuda.max_memory_allocated growth). `compile` is a torch.compile mode or None."""
     import resource
 
     import torch
@@ -193,6 +204,7 @@ def measure_step(spec: dict) -> dict:
     device = spec.get("device", "cpu")
     cuda = device == "cuda"
     torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.get("tf32", False)
     options = {"recompute": spec["recompute"]} if spec.get("recompute") else {}
     model = build_reference(spec["model"]) if spec["reference"] else build_model(spec["model"], **options)
     train = spec["mode"] == "train"
@@ -207,26 +219,33 @@ def measure_step(spec: dict) -> dict:
             x.contiguous(memory_format=torch.channels_last),
         )
     model.train(train)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    fused = {"fused": True} if cuda else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **fused)
+    flop_model = model
+    if spec.get("compile"):
+        model = torch.compile(model, mode=None if spec["compile"] == "default" else spec["compile"])
 
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=spec.get("amp", False))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def step():
+    def step(net=model):
         if train:
             with autocast:
-                out = model(x)
+                out = net(x)
             loss = torch.nn.functional.cross_entropy(out.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         else:
             with torch.no_grad(), autocast:
-                model(x)
+                net(x)
 
     base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
-    step()  # warm-up; also allocates what the step needs
+    t0 = time.perf_counter()
+    for _ in range(3 if spec.get("compile") else 1):  # warm-up (compiles; CUDA graphs record on the 3rd)
+        step()
     sync()
+    warmup = time.perf_counter() - t0
     peak = (
         torch.cuda.max_memory_allocated() - base
         if cuda
@@ -238,51 +257,63 @@ def measure_step(spec: dict) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    with FlopCounterMode(display=False) as counter:
-        step()
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same arithmetic
+        step(flop_model)
     seconds = float(np.median(times))
     return {"seconds_per_step": seconds, "flops_per_image": counter.get_total_flops() / spec["batch"],
-            "peak_memory_bytes": peak}  # fmt: skip
+            "peak_memory_bytes": peak, "warmup_s": warmup}  # fmt: skip
+
+
+def run_isolated(spec: dict) -> dict:
+    """measure_step in a fresh process."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(measure_step, (spec,))
+
+
+def mfu_figures(achieved: float, rate: dict) -> dict:
+    """MFU against the best measured matmul rate; above 100% the denominator was measured too low (a busy
+    machine), so no MFU is given, only the error."""
+    mfu = achieved / rate["best"]
+    if mfu > 1:
+        return {"mfu": None, "mfu_error": f"achieved {achieved:.3g} FLOP/s exceeds the measured matmul rate "
+                f"{rate['best']:.3g}: the rate was measured while the machine was busy; rerun"}  # fmt: skip
+    return {"mfu": mfu}
 
 
 def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 3, baseline: bool = False,
                 channels_last: bool = True, threads: int | None = None, recompute: int = 0,
-                amp: bool = False) -> dict:  # fmt: skip
-    """Step time, images/s, FLOPs, achieved FLOP/s, MFU against this process's matmul rate, and peak
-    memory (CPU: resident-set growth of the step); with `baseline`, the plain reference in the same run."""
-    import multiprocessing
-
+                amp: bool = False, compile: str | None = None) -> dict:  # fmt: skip
+    """Step time, images/s, FLOPs, achieved FLOP/s, MFU against this machine's matmul rate (best of
+    several bursts before and after the step, spread reported), and peak memory (CPU: resident-set
+    growth of the step); with `baseline`, the plain reference in the same run."""
     import torch
 
     threads = threads or torch.get_num_threads()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    spec = {
-        "device": device,
-        "model": model,
-        "size": tuple(size),
-        "batch": batch,
-        "mode": mode,
-        "steps": steps,
-        "threads": threads,
-    }
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        ours = pool.apply(measure_step, ({**spec, "reference": False, "channels_last": channels_last,
-                                          "recompute": recompute, "amp": amp},))  # fmt: skip
-    matmul = matmul_flops_per_s(dtype=torch.bfloat16 if amp else torch.float32, device=device)
+    dtype = torch.bfloat16 if amp else torch.float32
+    spec = {"device": device, "model": model, "size": tuple(size), "batch": batch, "mode": mode,
+            "steps": steps, "threads": threads, "amp": amp}  # fmt: skip
+    before = matmul_rate(dtype, device)
+    ours = run_isolated({**spec, "reference": False, "channels_last": channels_last, "recompute": recompute,
+                         "compile": compile})  # fmt: skip
+    after = matmul_rate(dtype, device)
+    rate = {"best": max(before["best"], after["best"]), "worst": min(before["worst"], after["worst"])}
+    achieved = ours["flops_per_image"] * batch / ours["seconds_per_step"]
     figures = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "model": model, "mode": mode, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
-        "threads": threads, "channels_last": channels_last, "recompute": recompute,
+        "threads": threads, "channels_last": channels_last, "recompute": recompute, "compile": compile,
         "precision": "bf16 autocast" if amp else "fp32", **ours,
         "images_per_s": batch / ours["seconds_per_step"],
-        "achieved_flops_per_s": ours["flops_per_image"] * batch / ours["seconds_per_step"],
-        "matmul_flops_per_s": matmul,
+        "achieved_flops_per_s": achieved,
+        "matmul_flops_per_s": rate["best"],
+        "matmul_spread": rate["worst"] / rate["best"],
+        **mfu_figures(achieved, rate),
     }  # fmt: skip
-    figures["mfu"] = figures["achieved_flops_per_s"] / matmul
     if baseline:
-        with ctx.Pool(1, maxtasksperchild=1) as pool:
-            ref = pool.apply(measure_step, ({**spec, "reference": True, "channels_last": False},))
+        ref = run_isolated({**spec, "reference": True, "channels_last": False})
         figures["baseline_images_per_s"] = batch / ref["seconds_per_step"]
         figures["baseline_peak_memory_bytes"] = ref["peak_memory_bytes"]
         figures["speed_vs_baseline"] = figures["images_per_s"] / figures["baseline_images_per_s"]

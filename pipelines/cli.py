@@ -89,9 +89,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = registry.download_weights(tracking_uri(args.mlflow_uri), args.model_uri, tmp)
             out = args.out or f"eval-{args.split}"
-            result = evaluate(folder, args.data, args.split, out, args.batch_size)
+            result = evaluate(folder, args.data, args.split, out, args.batch_size, compile=args.compile)
     else:
-        result = evaluate(args.checkpoint, args.data, args.split, args.out, args.batch_size)
+        result = evaluate(
+            args.checkpoint, args.data, args.split, args.out, args.batch_size, compile=args.compile
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -181,7 +183,7 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
 
     figures = bench_model(args.model, parse_size(args.image_size), args.batch_size, args.mode, args.steps,
                           args.baseline, not args.no_channels_last, recompute=args.recompute,
-                          amp=args.amp)  # fmt: skip
+                          amp=args.amp, compile=args.compile)  # fmt: skip
     print(
         json.dumps(figures, indent=2) if args.json else "\n".join(f"{k:<28} {v}" for k, v in figures.items())
     )
@@ -240,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metric", default="val_miou", help="checkpoint selection: val_miou | val_global_accuracy"
     )
+    p.add_argument("--compile", default=None, choices=["auto", "on", "off"],
+                   help="torch.compile the model (default auto: on GPU workers only)")  # fmt: skip
+    p.add_argument("--input", default=None, choices=["auto", "loader", "device"],
+                   help="augment in DataLoader workers or on the device (auto: device on GPUs)")  # fmt: skip
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
     p.add_argument("--keep-checkpoints", type=int, default=3)
     p.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per worker")
@@ -260,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="folder for PNGs (default: CHECKPOINT/eval-SPLIT)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on a GPU only)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -396,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--amp", action="store_true", help="ours in bf16 autocast; MFU against the bf16 matmul rate"
     )
+    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile ours with this mode (default: eager)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
     return parser

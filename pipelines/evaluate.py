@@ -7,15 +7,16 @@ import numpy as np
 import torch
 
 from data_prep.shards import manifest_id, read_manifest, verify_shards
+from pipelines import engine
 from pipelines.plots import save_confusion_matrix, save_overlay
-from pipelines.train import display_image, eval_loader, evaluate_model, load_checkpoint, scores
+from pipelines.train import display_image, eval_loader, load_checkpoint
 from segnet import CLASSES
 from segnet.errors import SegNetError
 
 
 def evaluate(
     checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-    batch_size: int = 4, overlays: int = 4,
+    batch_size: int = 4, overlays: int = 4, compile: str = "auto",
 ) -> dict:  # fmt: skip
     """Score a checkpoint folder on a split at the size it was trained at, full-resolution labels."""
     manifest = read_manifest(data)
@@ -27,9 +28,12 @@ def evaluate(
         raise SegNetError(
             f"checkpoint {checkpoint} predicts {meta['num_classes']} classes, {data} has {have}"
         )
+    if engine.use_compile(compile, device):
+        engine.compile_model(model)
     loader = eval_loader(str(data), split, meta["image_size"], batch_size)
-    cm, bf_sum, bf_n, examples = evaluate_model(model, loader, device, meta["num_classes"], keep=overlays)
-    result = scores(cm, bf_sum, bf_n, prefix="")
+    meter, examples = engine.evaluate(model, loader, device, meta["num_classes"], keep=overlays)
+    result = engine.scores(meter, prefix="")
+    cm = meter.matrix.cpu()
     result["split"] = split
     result["checkpoint"] = str(checkpoint)
     result["data_manifest_sha256"] = manifest_id(data)

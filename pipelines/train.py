@@ -6,11 +6,8 @@ configuration before any worker starts, builds one TorchTrainer and fits it.
 
 import json
 import math
-import os
-import signal
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,20 +20,21 @@ from data_prep.augment import (
     ShardDataset,
     eval_transform,
     make_loader,
-    normalize,
     parse_size,
     train_transform,
 )
+from data_prep.device_augment import DeviceBatches
 from data_prep.shards import ShardReader, init_ray, manifest_id, read_manifest, verify_shards
 from pipelines import tracking
+from pipelines.engine import COMPILE_CHOICES, compile_model, evaluate, scores, train_epoch, use_compile
 from pipelines.plots import save_confusion_matrix, save_curves, save_overlay
-from segnet import CLASSES, MODELS, build_model, segmentation_loss
+from segnet import MODELS, build_model, segmentation_loss
 from segnet.errors import SegNetError
 from segnet.losses import WEIGHTING_MODES
-from segnet.metrics import ConfusionMatrix, boundary_f1_per_image, scores_from_confusion
 from segnet.models import min_input_size
 
 METRICS = ("val_miou", "val_global_accuracy", "val_class_accuracy", "val_bf")
+INPUTS = ("auto", "loader", "device")
 RUN_FILE = "segnet_run.json"
 
 
@@ -61,6 +59,9 @@ class TrainConfig:
     amp: bool = False
     channels_last: bool = True  # NHWC: faster convs and pooling on CPU (docs/benchmarks.md)
     recompute: int = 0  # segnet: blocks of the N largest resolutions recomputed in backward
+    compile: str = "auto"  # torch.compile: auto = on CUDA only (pipelines/engine.py says why)
+    input: str = "auto"  # loader (albumentations in DataLoader workers) | device (augment on the device);
+    # auto = device on GPU workers, loader on CPU workers
     metric: str = "val_miou"
     max_failures: int = 0
     keep_checkpoints: int = 3
@@ -93,6 +94,10 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
         raise SegNetError(
             f"unknown class weighting {cfg.class_weighting!r}; choose one of: {', '.join(WEIGHTING_MODES)}"
         )
+    if cfg.compile not in COMPILE_CHOICES:
+        raise SegNetError(f"--compile {cfg.compile!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+    if cfg.input not in INPUTS:
+        raise SegNetError(f"--input {cfg.input!r}: choose one of {', '.join(INPUTS)}")
     if cfg.metric not in METRICS:
         raise SegNetError(f"unknown metric {cfg.metric!r}; choose one of: {', '.join(METRICS)}")
     if cfg.workers < 1 or cfg.batch_size % cfg.workers:
@@ -141,81 +146,11 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------- shared by train, evaluate and bench
 
 
-def train_epoch(model, loader, loss_fn, optimizer, device, amp=False, channels_last=False, fail=None) -> dict:
-    """One pass over the loader; returns mean loss and training images/s (excluding the first step)."""
-    model.train()
-    seen, t0 = 0, None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    losses = []
-    for step, (x, y) in enumerate(loader):
-        if fail is not None and step == fail:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the recovery test
-        if step == 1:
-            t0 = time.perf_counter()
-        x = normalize(x.to(device, non_blocking=True))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        with autocast:
-            loss = loss_fn(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-        if step >= 1:
-            seen += len(x)
-    mean_loss = torch.stack(losses).mean().item() if losses else float("nan")  # one sync per epoch
-    elapsed = time.perf_counter() - t0 if t0 else float("nan")
-    return {"train_loss": mean_loss, "train_images_per_s": seen / elapsed if seen else float("nan")}
-
-
-@torch.no_grad()
-def evaluate_model(model, loader, device, num_classes=11, amp=False, channels_last=False, keep=0):
-    """Confusion matrix and BF sums over the loader; logits are upsampled to the label's full size.
-
-    Returns (confusion matrix, BF sum, BF image count, up to `keep` (image, prediction, label) examples).
-    """
-    model.eval()
-    cm = ConfusionMatrix(num_classes)
-    bf_sum, bf_n, examples = 0.0, 0, []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    for x, y in loader:
-        xf = normalize(x.to(device))
-        if channels_last:
-            xf = xf.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(xf).float()
-        if logits.shape[-2:] != y.shape[-2:]:
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        pred = logits.argmax(1).cpu()
-        cm.update(pred, y)
-        per_image = boundary_f1_per_image(pred, y, num_classes)
-        ok = np.isfinite(per_image)
-        bf_sum += float(per_image[ok].sum())
-        bf_n += int(ok.sum())
-        for i in range(min(keep - len(examples), len(x))):
-            examples.append((x[i], pred[i], y[i]))
-    return cm.matrix, bf_sum, bf_n, examples
-
-
 def display_image(x: torch.Tensor, size) -> np.ndarray:
     """A uint8 3xHxW model input as an HxWx3 picture at the label's size, for overlays."""
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
     return x.clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
-def scores(cm: torch.Tensor, bf_sum: float, bf_n: int, prefix: str = "val_") -> dict:
-    s = scores_from_confusion(cm)
-    out = {
-        f"{prefix}global_accuracy": s["global_accuracy"],
-        f"{prefix}class_accuracy": s["class_accuracy"],
-        f"{prefix}miou": s["miou"],
-        f"{prefix}bf": bf_sum / bf_n if bf_n else float("nan"),
-    }
-    for name, iou in zip(CLASSES, s["per_class_iou"]):
-        out[f"{prefix}iou_{name}"] = iou
-    return out
 
 
 def eval_loader(shard_dir: str, split: str, size, batch_size: int, rank=0, world=1, workers=0):
@@ -260,13 +195,30 @@ def load_checkpoint(folder: str | Path, device="cpu"):
     return model.to(device), meta
 
 
+def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.device):
+    """This worker's training and validation batches: augmented on the device (GPU default), or by
+    albumentations in DataLoader workers (CPU default, and for users' own transforms)."""
+    per_worker = cfg.batch_size // world
+    if cfg.input == "device" or (cfg.input == "auto" and device.type == "cuda"):
+        common = {"rank": rank, "world": world, "device": device}
+        train = DeviceBatches.from_shards(cfg.data, "train", per_worker, size, augment=AugmentConfig(*size),
+                                          seed=cfg.seed, drop_last=True, **common)  # fmt: skip
+        return train, DeviceBatches.from_shards(cfg.data, "val", per_worker, size, **common)
+    train_ds = ShardDataset(
+        cfg.data, "train", train_transform(AugmentConfig(*size), seed=cfg.seed), verify=False
+    )
+    loader = make_loader(
+        train_ds, per_worker, True, cfg.seed, cfg.loader_workers, rank, world, drop_last=True
+    )
+    return loader, eval_loader(cfg.data, "val", size, per_worker, rank, world)
+
+
 # ---------------------------------------------------------------- the per-worker loop
 
 
 def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -296,44 +248,34 @@ def train_loop(config: dict) -> None:
             history = json.loads((Path(d) / "meta.json").read_text())["history"]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start}", flush=True)
+    if use_compile(cfg.compile, device):
+        compile_model(model)
     model = ray.train.torch.prepare_model(model)
     net = model.module if hasattr(model, "module") else model
 
     weights = None if cfg.class_weighting == "none" else config["class_weights"][cfg.class_weighting]
     loss_fn = segmentation_loss(weights).to(device)
-    train_ds = ShardDataset(
-        cfg.data, "train", train_transform(AugmentConfig(*size), seed=cfg.seed), verify=False
-    )
-    per_worker = cfg.batch_size // world
-    loader = make_loader(
-        train_ds, per_worker, True, cfg.seed, cfg.loader_workers, rank, world, drop_last=True
-    )
-    val_loader = eval_loader(cfg.data, "val", size, per_worker, rank, world)
+    loader, val_loader = input_batches(cfg, size, rank, world, device)
     fail = config.get("fail")
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        if loader.sampler is not None and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        sampler = getattr(loader, "sampler", loader)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         kill_step = None
         if fail and fail["epoch"] == epoch and fail["rank"] == rank and not Path(fail["marker"]).exists():
             Path(fail["marker"]).touch()
             kill_step = fail["step"]
         stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last, kill_step)
         keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
-        cm, bf_sum, bf_n, examples = evaluate_model(net, val_loader, device, num_classes, cfg.amp,
-                                                    cfg.channels_last, keep)  # fmt: skip
-        if world > 1:  # sum the confusion matrices and BF sums, never average per-worker scores
-            packed = torch.cat([cm.flatten().double(), torch.tensor([bf_sum, bf_n], dtype=torch.float64)])
-            packed = packed.to(device)
-            dist.all_reduce(packed)
-            packed = packed.cpu()
-            cm = packed[: cm.numel()].round().long().view_as(cm)
-            bf_sum, bf_n = packed[-2].item(), int(packed[-1].item())
+        meter, examples = evaluate(net, val_loader, device, num_classes, cfg.amp, cfg.channels_last, keep)
+        meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
+        cm = meter.matrix.cpu()
         metrics = {
             "epoch": epoch,
             **stats,
-            **scores(cm, bf_sum, bf_n),
+            **scores(meter),
             "epoch_time_s": time.perf_counter() - t0,
         }
         history.append({k: v for k, v in metrics.items() if not k.startswith("val_iou_")})

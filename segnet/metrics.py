@@ -1,8 +1,12 @@
 """The paper's measures (Sec. 4): global accuracy G, class average accuracy C, mIoU, boundary F1 (BF).
 
 The confusion matrix is a plain int64 tensor so DDP workers can sum it with one all_reduce; BF is kept as
-a per-image sum and count for the same reason.
+a per-image sum and count for the same reason. `SegmentationMeter` holds both, on the model's device.
+BF has two implementations that agree exactly: scipy's distance transform on the CPU (the reference) and
+a disc dilation in torch that runs wherever the predictions are (`boundary_f1_torch`).
 """
+
+import math
 
 import numpy as np
 import torch
@@ -22,7 +26,7 @@ def confusion_matrix(pred, target, num_classes: int = 11, ignore_index: int = 11
         raise ValueError(f"prediction has {pred.numel()} pixels, target {target.numel()}")
     keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
     idx = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
-    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def scores_from_confusion(cm) -> dict:
@@ -60,7 +64,7 @@ class ConfusionMatrix:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, pred, target) -> None:
-        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index).cpu()
 
     def scores(self) -> dict:
         return scores_from_confusion(self.matrix)
@@ -113,3 +117,121 @@ def boundary_f1(pred, target, num_classes: int = 11, ignore_index: int = 11) -> 
     """The paper's BF score: per-image boundary F1 averaged over images (images with no class skipped)."""
     per_image = boundary_f1_per_image(pred, target, num_classes, ignore_index)
     return float(np.nanmean(per_image)) if np.isfinite(per_image).any() else float("nan")
+
+
+def _disc_rows(radius: float) -> list[tuple[int, int]]:
+    """(dy, half-width) of each row of the disc of offsets within `radius` (Euclidean), measured as
+    distance_transform_edt measures them: a pixel is within `radius` of a boundary iff the disc around it
+    holds a boundary pixel."""
+    r = int(math.floor(radius))
+    return [(dy, int(math.floor(math.sqrt(max(radius**2 - dy * dy, 0.0))))) for dy in range(-r, r + 1)]
+
+
+def _dilate(masks: torch.Tensor, radius: float) -> torch.Tensor:
+    """Disc dilation of (N, H, W) bool masks: each disc row is a horizontal dilation (grown one pixel a
+    step by shifted ORs), shifted by its dy; only shifts and ORs, so it is exact on any device."""
+    h = masks.shape[1]
+    rows = _disc_rows(radius)
+    wide, grown = {}, masks
+    for rx in range(max(r for _, r in rows) + 1):
+        if rx:
+            step = grown.clone()
+            step[:, :, 1:] |= grown[:, :, :-1]
+            step[:, :, :-1] |= grown[:, :, 1:]
+            grown = step
+        wide[rx] = grown
+    out = torch.zeros_like(masks)
+    for dy, rx in rows:
+        if abs(dy) >= h:
+            continue
+        if dy >= 0:
+            out[:, : h - dy] |= wide[rx][:, dy:]
+        else:
+            out[:, -dy:] |= wide[rx][:, : h + dy]
+    return out
+
+
+def _boundaries(masks: torch.Tensor) -> torch.Tensor:
+    """Pixels of each (.., H, W) bool mask with a 4-neighbour inside the image that is not in the mask."""
+    edge = torch.zeros_like(masks)
+    edge[..., 1:, :] |= masks[..., 1:, :] & ~masks[..., :-1, :]
+    edge[..., :-1, :] |= masks[..., :-1, :] & ~masks[..., 1:, :]
+    edge[..., :, 1:] |= masks[..., :, 1:] & ~masks[..., :, :-1]
+    edge[..., :, :-1] |= masks[..., :, :-1] & ~masks[..., :, 1:]
+    return edge
+
+
+def boundary_f1_torch(pred, target, num_classes: int = 11, ignore_index: int = 11) -> torch.Tensor:
+    """`boundary_f1_per_image` in torch on the predictions' device: every image and class at once, the
+    tolerance disc applied by a convolution of the boundary maps. Returns a float64 tensor (NaN where an
+    image has no class)."""
+    pred, target = _as_tensor(pred), _as_tensor(target).to(pred.device)
+    if pred.ndim == 2:
+        pred, target = pred[None], target[None]
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}"
+        )
+    n, h, w = target.shape
+    classes = torch.arange(num_classes, device=pred.device).view(1, num_classes, 1, 1)
+    gt = target[:, None] == classes
+    pr = (pred[:, None] == classes) & (target[:, None] != ignore_index)
+    gt_b, pr_b = _boundaries(gt), _boundaries(pr)
+    tol = BF_TOLERANCE * math.hypot(h, w)
+
+    def near(b):  # pixels within the tolerance of a boundary pixel of b
+        return _dilate(b.reshape(-1, h, w), tol).view(n, num_classes, h, w)
+
+    def matched(a, b):  # fraction of a's boundary pixels with one of b's within the tolerance
+        count = a.sum((2, 3)).double()
+        hit = (a & near(b)).sum((2, 3)).double()
+        frac = hit / count.clamp(min=1)
+        frac = torch.where(b.any(3).any(2), frac, torch.zeros_like(frac))
+        return torch.where(count > 0, frac, torch.ones_like(frac))
+
+    precision, recall = matched(pr_b, gt_b), matched(gt_b, pr_b)
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0
+    )
+    present = (gt.any(3).any(2) | pr.any(3).any(2)).double()
+    count = present.sum(1)
+    return torch.where(count > 0, (f1 * present).sum(1) / count.clamp(min=1), float("nan"))
+
+
+class SegmentationMeter:
+    """The confusion matrix and the BF sums of an evaluation, kept on the predictions' device.
+
+    `update` per batch, `all_reduce` once across DDP workers (sums, so each image counts once), then
+    `compute`: the shape of torchvision's `ConfusionMatrix.reduce_from_all_processes`."""
+
+    def __init__(self, num_classes: int = 11, ignore_index: int = 11, device="cpu"):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.bf_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.bf_images = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        target = target.to(pred.device)
+        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        per_image = boundary_f1_torch(pred, target, self.num_classes, self.ignore_index)
+        ok = per_image.isfinite()
+        self.bf_sum += per_image[ok].sum().to(self.bf_sum.device)
+        self.bf_images += ok.sum().to(self.bf_images.device)
+
+    def all_reduce(self) -> None:
+        """Sum over the DDP workers (a no-op outside torch.distributed)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        packed = torch.cat([self.matrix.flatten().double(), self.bf_sum[None], self.bf_images[None]])
+        dist.all_reduce(packed)
+        self.matrix = packed[:-2].round().long().view_as(self.matrix)
+        self.bf_sum, self.bf_images = packed[-2], packed[-1]
+
+    def compute(self) -> dict:
+        """G, C, mIoU, per-class IoU and BF (one host sync)."""
+        s = scores_from_confusion(self.matrix.cpu())
+        images = self.bf_images.item()
+        s["bf"] = self.bf_sum.item() / images if images else float("nan")
+        return s

@@ -1,0 +1,262 @@
+"""`make gpu-check`: what a GPU machine says about this project, in one command, in under 8 minutes.
+
+It runs the project's own step, input path and metric code without Ray, MLflow or albumentations (the GPU
+machines have torch, numpy, pillow, pyarrow and scipy, and no network), on the compact CamVid copy that
+`python -m data_prep.compact` makes (images re-encoded as JPEG q95, labels exact). It writes
+OUT/gpu-check.json and OUT/gpu-check.md:
+
+1. training-step rows (segnet, bf16 and fp32): the plain reference in NCHW and channels_last, ours eager and
+   compiled, against the best-of-bursts matmul rate measured before and after;
+2. the device-side input path's augmented samples/s, and the JPEG decode rate per CPU core;
+3. BF on the device against the scipy BF on the CPU, on real CamVid test labels;
+4. a short real training of segnet-basic at 360x480 (device input path) with test G, C, mIoU and BF.
+
+`--tiny` is the dry run the test suite uses on a CPU: the same code, tiny sizes.
+"""
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.compact import read_compact
+from data_prep.device_augment import AugmentConfig, DeviceBatches
+from pipelines import engine
+from pipelines.bench import matmul_rate, mfu_figures, run_isolated
+from segnet import NUM_CLASSES, VOID, build_model, class_weights, segmentation_loss
+from segnet.metrics import boundary_f1_per_image, boundary_f1_torch
+
+# (row name, reference?, channels_last, compile mode, bf16); speed is reported against the plain
+# channels_last reference of the same precision.
+STEP_ROWS = [
+    ("plain reference, NCHW", True, False, None, True),
+    ("plain reference, channels_last", True, True, None, True),
+    ("ours, eager", False, True, None, True),
+    ("ours, torch.compile", False, True, "default", True),
+    ("plain reference, channels_last, torch.compile", True, True, "default", True),
+    ("ours, torch.compile reduce-overhead (CUDA graphs)", False, True, "reduce-overhead", True),
+    ("plain reference, channels_last", True, True, None, False),
+    ("ours, eager", False, True, None, False),
+    ("ours, torch.compile", False, True, "default", False),
+]
+
+
+def step_rows(device: str, model: str, size, batch: int, steps: int, deadline: float, tiny: bool) -> dict:
+    """Each row in a fresh process; MFU against the best matmul rate of its precision."""
+    rates = {amp: matmul_rate(torch.bfloat16 if amp else torch.float32, device) for amp in (True, False)}
+    rows = []
+    for name, reference, channels_last, mode, amp in STEP_ROWS:
+        row = {"row": name, "precision": "bf16 autocast" if amp else "fp32", "compile": mode}
+        if tiny and mode:
+            rows.append({**row, "skipped": "compiled rows run on a GPU only (--tiny)"})
+            continue
+        if device == "cpu" and mode == "reduce-overhead":
+            rows.append({**row, "skipped": "CUDA graphs need a GPU"})
+            continue
+        if time.monotonic() > deadline:
+            rows.append({**row, "skipped": "time budget spent"})
+            continue
+        spec = {"device": device, "model": model, "size": tuple(size), "batch": batch, "mode": "train",
+                "steps": steps, "threads": torch.get_num_threads(), "amp": amp, "reference": reference,
+                "channels_last": channels_last, "compile": mode, "tf32": False}  # fmt: skip
+        try:
+            m = run_isolated(spec)
+        except Exception as e:  # noqa: BLE001 - one failing variant is a finding, not the end of the check
+            rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        achieved = m["flops_per_image"] * batch / m["seconds_per_step"]
+        rows.append({**row, **m, "images_per_s": batch / m["seconds_per_step"],
+                     "achieved_flops_per_s": achieved, **mfu_figures(achieved, rates[amp])})  # fmt: skip
+    after = {amp: matmul_rate(torch.bfloat16 if amp else torch.float32, device) for amp in (True, False)}
+    for row in rows:  # the denominators: best over the bursts before and after all rows
+        amp = row["precision"].startswith("bf16")
+        best = max(rates[amp]["best"], after[amp]["best"])
+        row["matmul_flops_per_s"] = best
+        if "achieved_flops_per_s" in row:
+            row.update(mfu_figures(row["achieved_flops_per_s"], {"best": best}))
+        base = next((r for r in rows if r["row"] == "plain reference, channels_last"
+                     and r["precision"] == row["precision"] and "images_per_s" in r), None)  # fmt: skip
+        if base and "images_per_s" in row:
+            row["speed_vs_plain_channels_last"] = row["images_per_s"] / base["images_per_s"]
+    spread = {("bf16" if amp else "fp32"): min(rates[amp]["worst"], after[amp]["worst"])
+              / max(rates[amp]["best"], after[amp]["best"]) for amp in (True, False)}  # fmt: skip
+    return {"rows": rows, "matmul_spread": spread}
+
+
+def input_path(images, labels, device, size, batch: int) -> dict:
+    """Augmented samples/s of the device path (resident split), and JPEG decode per CPU core."""
+    batches = DeviceBatches(images, labels, batch, size, augment=AugmentConfig(*size), drop_last=True,
+                            device=device)  # fmt: skip
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in batches:  # warm-up
+        break
+    sync()
+    t0, n = time.perf_counter(), 0
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        for x, _ in batches:
+            n += len(x)
+    sync()
+    return {"device_augment_samples_per_s": n / (time.perf_counter() - t0), "batch_size": batch,
+            "augment_size": f"{size[0]}x{size[1]}",
+            "resident_bytes": batches.images.numel() + batches.labels.numel()}  # fmt: skip
+
+
+def bf_check(labels: np.ndarray, device) -> dict:
+    """GPU BF against the scipy BF on real test labels with a shifted, noisy prediction."""
+    rng = np.random.default_rng(0)
+    target = labels.astype(np.int64)
+    pred = np.roll(target, 4, axis=2)
+    noise = rng.random(pred.shape) < 0.05
+    pred[noise] = rng.integers(0, NUM_CLASSES, int(noise.sum()))
+    pred[pred == VOID] = 0
+    t0 = time.perf_counter()
+    cpu = boundary_f1_per_image(pred, target)
+    cpu_s = time.perf_counter() - t0
+    p, t = torch.from_numpy(pred).to(device), torch.from_numpy(target).to(device)
+    boundary_f1_torch(p[:2], t[:2])  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    dev = boundary_f1_torch(p, t).cpu().numpy()
+    dev_s = time.perf_counter() - t0
+    return {"images": len(target), "max_abs_difference": float(np.nanmax(np.abs(cpu - dev))),
+            "scipy_cpu_s": cpu_s, "torch_device_s": dev_s, "speedup": cpu_s / dev_s}  # fmt: skip
+
+
+def median_frequency(labels: np.ndarray) -> np.ndarray:
+    """The paper's class balancing from the training labels (void left out)."""
+    flat = labels.reshape(len(labels), -1)
+    counts = np.stack([np.bincount(row, minlength=VOID + 1)[:NUM_CLASSES] for row in flat])
+    image_pixels = np.where(counts > 0, flat.shape[1], 0).sum(0)
+    return class_weights(counts.sum(0), image_pixels, "median_frequency")
+
+
+def short_training(data, device, size, batch: int, seconds: float, compile: bool, tiny: bool) -> dict:
+    """segnet-basic, the paper's recipe (SGD 0.1, momentum 0.9, median frequency), bf16 on a GPU,
+    trained for `seconds` through the device input path, then scored on the test split."""
+    limit = 8 if tiny else None
+    images, labels = read_compact(data, "train", limit)
+    test_images, test_labels = read_compact(data, "test", limit)
+    torch.manual_seed(0)
+    model = build_model("segnet-basic").to(device).to(memory_format=torch.channels_last)
+    if compile:
+        engine.compile_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    loss_fn = segmentation_loss(median_frequency(labels)).to(device)
+    train = DeviceBatches(images, labels, batch, size, augment=AugmentConfig(*size), drop_last=True,
+                          device=device)  # fmt: skip
+    test = DeviceBatches(test_images, test_labels, batch, size, device=device)
+    amp = device.type == "cuda"
+    history, t0, epoch = [], time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds or epoch < 1:
+        train.set_epoch(epoch)
+        stats = engine.train_epoch(model, train, loss_fn, optimizer, device, amp=amp, channels_last=True)
+        history.append({"epoch": epoch, **stats})
+        print(f"  epoch {epoch + 1}: loss {stats['train_loss']:.3f}, "
+              f"{stats['train_images_per_s']:.0f} img/s, data wait {stats['data_wait_fraction']:.1%}",
+              flush=True)  # fmt: skip
+        epoch += 1
+    train_s = time.perf_counter() - t0
+    meter, _ = engine.evaluate(model, test, device, amp=amp, channels_last=True)
+    s = meter.compute()
+    return {"model": "segnet-basic", "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
+            "epochs": epoch, "train_seconds": train_s, "compiled": compile, "history": history,
+            "test_images": len(test_images), "test_global_accuracy": s["global_accuracy"],
+            "test_class_accuracy": s["class_accuracy"], "test_miou": s["miou"],
+            "test_bf": s["bf"]}  # fmt: skip
+
+
+def summary_md(report: dict) -> str:
+    lines = [f"# GPU check, {report['device']}, {report['date']}", "",
+             f"torch {report['torch']}; {report['settings']}", "",
+             "| variant | precision | img/s | MFU | vs plain channels_last | peak memory MiB | warm-up s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in report["steps"]["rows"]:
+        if "images_per_s" not in r:
+            lines.append(f"| {r['row']} | {r['precision']} | {r.get('skipped') or r.get('error')} | | | | |")
+            continue
+        mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else r.get("mfu_error", "")
+        lines.append(f"| {r['row']} | {r['precision']} | {r['images_per_s']:.0f} | {mfu} | "
+                     f"{r.get('speed_vs_plain_channels_last', float('nan')):.2f}x | "
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['warmup_s']:.0f} |")  # fmt: skip
+    spread = ", ".join(f"{k} {v:.0%}" for k, v in report["steps"]["matmul_spread"].items())
+    lines += ["", f"Matmul rate (MFU denominator, best burst): worst burst / best = {spread}.", ""]
+    i, b, t = report["input"], report["bf"], report["training"]
+    last = t["history"][-1]
+    lines += [f"Input: device-side augmentation {i['device_augment_samples_per_s']:,.0f} samples/s at "
+              f"{i['augment_size']} (batch {i['batch_size']}); JPEG decode "
+              f"{report['jpeg_decode_per_core_per_s']:.0f} images/s per CPU core.",
+              f"BF: device {b['torch_device_s']:.3f} s vs scipy {b['scipy_cpu_s']:.2f} s on {b['images']} "
+              f"test labels ({b['speedup']:.0f}x); max |difference| {b['max_abs_difference']:.1e}.",
+              f"Training: {t['model']} {t['image_size']}, {t['epochs']} epochs in {t['train_seconds']:.0f} s"
+              f" (compiled: {t['compiled']}; last epoch {last['train_images_per_s']:.0f} img/s, data "
+              f"wait {last['data_wait_fraction']:.1%}); test G {t['test_global_accuracy']:.3f}, "
+              f"C {t['test_class_accuracy']:.3f}, mIoU {t['test_miou']:.3f}, BF {t['test_bf']:.3f} "
+              f"({t['test_images']} images).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=".gpu/camvid", help="compact CamVid (python -m data_prep.compact)")
+    parser.add_argument("--out", default="gpu-check")
+    parser.add_argument("--tiny", action="store_true", help="dry run: tiny sizes, any device")
+    parser.add_argument("--budget-s", type=float, default=420, help="stop adding step rows after this")
+    parser.add_argument("--train-s", type=float, default=60, help="seconds of segnet-basic training")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size, batch = ((48, 64), 2) if args.tiny else ((360, 480), 12)
+    model, steps = ("segnet-basic", 2) if args.tiny else ("segnet", 20)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu {platform.machine()}"
+    report = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
+              "settings": f"{model}, batch {batch}, {size[0]}x{size[1]}, train step, no TF32"}  # fmt: skip
+
+    def save():
+        tmp = out / "gpu-check.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out / "gpu-check.json")
+
+    def section(key, fn):  # a failing section is recorded, and the others still run
+        print(f"gpu-check on {report['device']}: {key}", flush=True)
+        try:
+            report[key] = fn()
+        except Exception as e:  # noqa: BLE001
+            report[key] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+
+    deadline = start + args.budget_s - args.train_s
+    section("steps", lambda: step_rows(device.type, model, size, batch, steps, deadline, args.tiny))
+    images, labels = read_compact(args.data, "test", 8 if args.tiny else None)
+    t0 = time.perf_counter()
+    read_compact(args.data, "test", 24)
+    report["jpeg_decode_per_core_per_s"] = 24 / (time.perf_counter() - t0)  # one process, one core
+    section("input", lambda: input_path(images, labels, device, size, batch))
+    section("bf", lambda: bf_check(labels, device))
+    train_s = 1 if args.tiny else args.train_s
+    section("training", lambda: short_training(args.data, device, size, batch, train_s,
+                                               compile=device.type == "cuda", tiny=args.tiny))  # fmt: skip
+    report["seconds"] = time.monotonic() - start
+    save()
+    failed = [k for k in ("steps", "input", "bf", "training") if "error" in report[k]]
+    if failed:
+        print(json.dumps({k: report[k] for k in failed}, indent=2))
+        return 1
+    (out / "gpu-check.md").write_text(summary_md(report))
+    print(summary_md(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
