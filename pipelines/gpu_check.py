@@ -47,14 +47,23 @@ STEP_ROWS = [
 ]
 
 
-def step_rows(device: str, model: str, size, batch: int, steps: int, deadline: float, tiny: bool) -> dict:
+def step_rows(
+    device: str,
+    model: str,
+    size,
+    batch: int,
+    steps: int,
+    deadline: float,
+    tiny: bool,
+    eager_only: bool = False,
+) -> dict:
     """Each row in a fresh process; MFU against the best matmul rate of its precision."""
     rates = {amp: matmul_rate(torch.bfloat16 if amp else torch.float32, device) for amp in (True, False)}
     rows = []
     for name, reference, channels_last, mode, amp in STEP_ROWS:
         row = {"row": name, "precision": "bf16 autocast" if amp else "fp32", "compile": mode}
-        if tiny and mode:
-            rows.append({**row, "skipped": "compiled rows run on a GPU only (--tiny)"})
+        if (tiny or eager_only) and mode:
+            rows.append({**row, "skipped": "compiled rows skipped (--tiny or --eager-only)"})
             continue
         if device == "cpu" and mode == "reduce-overhead":
             rows.append({**row, "skipped": "CUDA graphs need a GPU"})
@@ -71,6 +80,8 @@ def step_rows(device: str, model: str, size, batch: int, steps: int, deadline: f
             rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
             continue
         achieved = m["flops_per_image"] * batch / m["seconds_per_step"]
+        print(f"  {name}, {row['precision']}: {batch / m['seconds_per_step']:.1f} img/s "
+              f"(warm-up {m['warmup_s']:.0f} s)", flush=True)  # fmt: skip
         rows.append({**row, **m, "images_per_s": batch / m["seconds_per_step"],
                      "achieved_flops_per_s": achieved, **mfu_figures(achieved, rates[amp])})  # fmt: skip
     after = {amp: matmul_rate(torch.bfloat16 if amp else torch.float32, device) for amp in (True, False)}
@@ -210,6 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="dry run: tiny sizes, any device")
     parser.add_argument("--budget-s", type=float, default=420, help="stop adding step rows after this")
     parser.add_argument("--train-s", type=float, default=60, help="seconds of segnet-basic training")
+    parser.add_argument("--eager-only", action="store_true", help="no torch.compile anywhere (faster)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,7 +249,8 @@ def main(argv=None) -> int:
         save()
 
     deadline = start + args.budget_s - args.train_s
-    section("steps", lambda: step_rows(device.type, model, size, batch, steps, deadline, args.tiny))
+    section("steps", lambda: step_rows(device.type, model, size, batch, steps, deadline, args.tiny,
+                                       args.eager_only))  # fmt: skip
     images, labels = read_compact(args.data, "test", 8 if args.tiny else None)
     t0 = time.perf_counter()
     read_compact(args.data, "test", 24)
@@ -246,7 +259,8 @@ def main(argv=None) -> int:
     section("bf", lambda: bf_check(labels, device))
     train_s = 1 if args.tiny else args.train_s
     section("training", lambda: short_training(args.data, device, size, batch, train_s,
-                                               compile=device.type == "cuda", tiny=args.tiny))  # fmt: skip
+                                               compile=device.type == "cuda" and not args.eager_only,
+                                               tiny=args.tiny))  # fmt: skip
     report["seconds"] = time.monotonic() - start
     save()
     failed = [k for k in ("steps", "input", "bf", "training") if "error" in report[k]]
