@@ -41,18 +41,23 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def _crop_grid(n: int, cfg: AugmentConfig, g: torch.Generator, device) -> torch.Tensor:
     """Sampling grid of each sample's random scale, crop (centred void padding when the scaled image is
-    smaller than the crop, as albumentations' PadIfNeeded) and flip, in align_corners=False coordinates."""
-    scale = torch.empty(n).uniform_(cfg.scale_min, cfg.scale_max, generator=g)
-    theta = torch.zeros(n, 2, 3)
-    for axis, size in ((0, cfg.width), (1, cfg.height)):  # theta row 0 is x (width), row 1 is y
+    smaller than the crop, as albumentations' PadIfNeeded) and flip, in align_corners=False coordinates.
+    Drawn on the device with a device generator: no host-device copy, so no synchronisation."""
+    scale = torch.empty(n, device=device).uniform_(cfg.scale_min, cfg.scale_max, generator=g)
+    rows = []
+    for size in (cfg.width, cfg.height):  # theta row 0 is x (width), row 1 is y
         scaled = scale * size
         spare = scaled - size  # > 0: crop offset drawn in [0, spare]; < 0: centred padding of -spare
-        offset = torch.where(spare > 0, torch.rand(n, generator=g) * spare.clamp(min=0), spare / 2)
-        theta[:, axis, axis] = 1 / scale
-        theta[:, axis, 2] = 1 / scale - 1 + 2 * offset / scaled
-    flip = torch.rand(n, generator=g) < cfg.hflip
-    theta[flip, 0, 0] *= -1
-    return F.affine_grid(theta.to(device), [n, 1, cfg.height, cfg.width], align_corners=False)
+        draw = torch.rand(n, generator=g, device=device)
+        offset = torch.where(spare > 0, draw * spare.clamp(min=0), spare / 2)
+        rows.append((1 / scale, 1 / scale - 1 + 2 * offset / scaled))
+    flip = torch.rand(n, generator=g, device=device) < cfg.hflip
+    (sx, tx), (sy, ty) = rows
+    zero = torch.zeros_like(scale)
+    theta = torch.stack(
+        [torch.stack([torch.where(flip, -sx, sx), zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1
+    )
+    return F.affine_grid(theta, [n, 1, cfg.height, cfg.width], align_corners=False)
 
 
 def _jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
@@ -61,9 +66,9 @@ def _jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tenso
     n = len(x)
 
     def factors():
-        f = 1 + (torch.rand(n, generator=g) * 2 - 1) * strength
-        f = torch.where(torch.rand(n, generator=g) < 0.8, f, torch.ones(n))
-        return f.to(x.device).view(n, 1, 1, 1)
+        f = 1 + (torch.rand(n, generator=g, device=x.device) * 2 - 1) * strength
+        f = torch.where(torch.rand(n, generator=g, device=x.device) < 0.8, f, torch.ones_like(f))
+        return f.view(n, 1, 1, 1)
 
     gray = lambda t: 0.299 * t[:, :1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3]  # noqa: E731
     x = x * factors()
@@ -77,7 +82,7 @@ def augment_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 3, H, W) images and (N, H, W) labels on any device -> normalised float images and int64
     labels of the training size, augmented per sample. Labels are resampled by nearest neighbour and
-    padding is void, so no class is invented."""
+    padding is void, so no class is invented. `g` is a generator on the images' device."""
     grid = _crop_grid(len(images), cfg, g, images.device)
     x = F.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     shifted = labels[:, None].float() + 1  # 0 = outside the image, after the shift
@@ -165,7 +170,8 @@ class DeviceBatches:
 
     def __iter__(self):
         order = self._order().to(self.images.device)
-        g = torch.Generator().manual_seed(1_000_003 * (self.seed + 1) + 7919 * self.epoch + self.rank)
+        g = torch.Generator(device=self.images.device)
+        g.manual_seed(1_000_003 * (self.seed + 1) + 7919 * self.epoch + self.rank)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images, labels = self.images[idx], self.labels[idx]

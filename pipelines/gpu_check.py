@@ -33,7 +33,8 @@ from segnet import NUM_CLASSES, VOID, build_model, class_weights, segmentation_l
 from segnet.metrics import boundary_f1_per_image, boundary_f1_torch
 
 # (row name, reference?, channels_last, compile mode, bf16); speed is reported against the plain
-# channels_last reference of the same precision.
+# channels_last reference of the same precision. Each row is stopped at the time budget, so a slow compile
+# costs its row, not the check.
 STEP_ROWS = [
     ("plain reference, NCHW", True, False, None, True),
     ("plain reference, channels_last", True, True, None, True),
@@ -41,9 +42,8 @@ STEP_ROWS = [
     ("ours, torch.compile", False, True, "default", True),
     ("plain reference, channels_last, torch.compile", True, True, "default", True),
     ("ours, torch.compile reduce-overhead (CUDA graphs)", False, True, "reduce-overhead", True),
-    ("plain reference, channels_last", True, True, None, False),
-    ("ours, eager", False, True, None, False),
-    ("ours, torch.compile", False, True, "default", False),
+    ("plain reference, channels_last", True, True, None, False),  # fp32 without TF32: cuDNN's search
+    ("ours, eager", False, True, None, False),  # for it took 74 s on an H200
 ]
 
 
@@ -75,7 +75,7 @@ def step_rows(
                 "steps": steps, "threads": torch.get_num_threads(), "amp": amp, "reference": reference,
                 "channels_last": channels_last, "compile": mode, "tf32": False}  # fmt: skip
         try:
-            m = run_isolated(spec)
+            m = run_isolated(spec, timeout=max(deadline - time.monotonic(), 10))
         except Exception as e:  # noqa: BLE001 - one failing variant is a finding, not the end of the check
             rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
             continue

@@ -103,3 +103,83 @@ def test_bf_averages_per_image_then_over_images():
     far = _two_region_map(split=90)
     both = boundary_f1(np.stack([t, far]), np.stack([t, t]))
     assert both == pytest.approx((1.0 + boundary_f1(far[None], t[None])) / 2)
+
+
+def _perturbed(target: np.ndarray, seed: int) -> np.ndarray:
+    """A prediction that differs from the labels as a model's does: shifted edges, speckle, a blob."""
+    rng = np.random.default_rng(seed)
+    pred = np.roll(target, rng.integers(1, 8), axis=2).copy()
+    noise = rng.random(pred.shape) < 0.03
+    pred[noise] = rng.integers(0, 11, int(noise.sum()))
+    pred[:, 50:90, 100:180] = rng.integers(0, 11)
+    pred[pred == 11] = 0
+    return pred
+
+
+@pytest.fixture(scope="module")
+def camvid_test_labels(camvid_dir):
+    from PIL import Image
+
+    files = sorted((camvid_dir / "testannot").glob("*.png"))[::40]  # 6 labels across the split
+    return np.stack([np.asarray(Image.open(f)) for f in files]).astype(np.int64)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_torch_bf_equals_the_scipy_bf_on_camvid_test_labels(camvid_test_labels, seed):
+    from segnet.metrics import boundary_f1_torch
+
+    pred = _perturbed(camvid_test_labels, seed)
+    expected = boundary_f1_per_image(pred, camvid_test_labels)
+    got = boundary_f1_torch(torch.from_numpy(pred), torch.from_numpy(camvid_test_labels)).numpy()
+    assert 0.2 < expected.mean() < 0.95  # a real, imperfect prediction
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_torch_bf_matches_scipy_on_edge_cases():
+    from segnet.metrics import boundary_f1_torch
+
+    t = _two_region_map()
+    cases = [
+        (t, t),  # identical
+        (_two_region_map(split=61), t),  # within tolerance
+        (_two_region_map(split=90), t),  # beyond it
+        (np.zeros_like(t), t),  # a class never predicted
+        (t, np.full_like(t, 11)),  # all void: no class, NaN
+    ]
+    for p, g in cases:
+        expected = boundary_f1_per_image(p[None], g[None])
+        got = boundary_f1_torch(torch.from_numpy(p[None]), torch.from_numpy(g[None])).numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def _meter_worker(rank: int, world: int, init: str, pred, target, out):
+    import torch.distributed as dist
+
+    from segnet.metrics import SegmentationMeter
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    meter = SegmentationMeter()
+    meter.update(torch.from_numpy(pred[rank::world]), torch.from_numpy(target[rank::world]))
+    meter.all_reduce()
+    torch.save({"matrix": meter.matrix, "scores": meter.compute()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_meter_all_reduce_over_two_processes_equals_one_pass(camvid_test_labels, tmp_path):
+    """Each image scored once: the two workers' reduced meter equals a single meter over all images."""
+    from segnet.metrics import SegmentationMeter
+
+    pred = _perturbed(camvid_test_labels, 3)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    torch.multiprocessing.spawn(
+        _meter_worker, args=(2, init, pred, camvid_test_labels, tmp_path / "meter"), nprocs=2
+    )
+    whole = SegmentationMeter()
+    whole.update(torch.from_numpy(pred), torch.from_numpy(camvid_test_labels))
+    expected = whole.compute()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"meter.{rank}", weights_only=True)
+        assert torch.equal(got["matrix"], whole.matrix)
+        assert got["scores"]["bf"] == pytest.approx(expected["bf"], abs=1e-12)
+        assert got["scores"]["miou"] == pytest.approx(expected["miou"], abs=1e-12)
+    assert expected["bf"] == pytest.approx(float(np.nanmean(boundary_f1_per_image(pred, camvid_test_labels))))
