@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None, help="val_miou (default) or val_global_accuracy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--loader-workers", type=int, default=None)
+    p.add_argument("--compile", default=None, choices=["auto", "on", "off"], help="as for train")
+    p.add_argument("--input", default=None, choices=["auto", "loader", "device"], help="as for train")
     p.add_argument("--register-as", default=None, help="registered model name (default segnet-camvid)")
     p.add_argument(
         "--force-alias", action="store_true", default=None, help="move champion even if not better"

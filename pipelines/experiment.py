@@ -75,7 +75,7 @@ PROFILES = {
                 converge=False),
     # GPUs: full resolution, until the training loss stops falling (at most 300 epochs)
     "paper": dict(image_size="360x480", epochs=300, max_concurrent=4, gpus_per_worker=1, loader_workers=4,
-                  infer_size="360x480", converge=True),
+                  compile="on", input="device", infer_size="360x480", converge=True),
 }  # fmt: skip
 DEFAULT_VARIANTS = {
     "smoke": "segnet-basic,bilinear-interpolation",

@@ -234,8 +234,9 @@ def train_loop(config: dict) -> None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
     )
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()

@@ -38,6 +38,8 @@ class TuneConfig:
     metric: str = "val_miou"
     seed: int = 0
     loader_workers: int = 1
+    compile: str = "auto"  # torch.compile: on GPU workers only (TrainConfig.compile)
+    input: str = "auto"  # augmentation on the device for GPU workers (TrainConfig.input)
     register_as: str = "segnet-camvid"
     force_alias: bool = False
     storage_path: str = "runs"

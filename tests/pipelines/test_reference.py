@@ -39,11 +39,22 @@ def test_bench_model_prints_measured_figures():
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(r.stdout)
-    for key in ("seconds_per_step", "flops_per_image", "matmul_flops_per_s", "mfu", "speed_vs_baseline"):
+    for key in ("seconds_per_step", "flops_per_image", "matmul_flops_per_s", "speed_vs_baseline"):
         assert figures[key] > 0, key
+    assert (figures["mfu"] is None) == ("mfu_error" in figures)  # an MFU above 100% is refused
+    assert figures["mfu"] is None or 0 < figures["mfu"] <= 1
+    assert 0 < figures["matmul_spread"] <= 1
     # a training step (forward and backward) costs about three forward passes
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         build_model("segnet-basic")(torch.randn(1, 3, 32, 48))
     assert 2.5 < figures["flops_per_image"] / counter.get_total_flops() < 3.5
+
+
+def test_mfu_above_100_percent_is_reported_as_a_measurement_error():
+    from pipelines.bench import mfu_figures
+
+    assert mfu_figures(50.0, {"best": 100.0}) == {"mfu": 0.5}
+    flagged = mfu_figures(175e9, {"best": 170e9})
+    assert flagged["mfu"] is None and "exceeds the measured matmul rate" in flagged["mfu_error"]
