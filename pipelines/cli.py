@@ -133,7 +133,7 @@ def cmd_registry(args: argparse.Namespace) -> None:
             print(f"no registered models in {uri}")
         for r in rows:
             aliases = ", ".join(f"@{a}=v{v}" for a, v in r["aliases"].items())
-            print(f"{r['name']:<24} versions {','.join(r['latest_versions']):<8} {aliases}")
+            print(f"{r['name']:<24} versions {','.join(r['versions']):<8} {aliases}")
     else:
         print(json.dumps(registry.show(uri, args.ref), indent=2, default=str))
 

@@ -1,0 +1,79 @@
+"""A real MLflow server on 127.0.0.1 for the registry, serving and export tests, and checkpoints to
+register in it (segnet-basic with seeded random weights: different seeds give different labels)."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import registry, tracking
+from segnet import build_model
+
+SIZE = (90, 120)  # the models' training size: inference at any input size is resized to it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a sqlite store and proxied artifacts; yields its http URI."""
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination",
+           str(tmp / "artifacts"), "--workers", "1"]  # fmt: skip
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{uri}/health", proc)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def write_checkpoint(folder: Path, seed: int, data: Path) -> Path:
+    torch.manual_seed(seed)
+    model = build_model("segnet-basic", num_classes=11)
+    folder.mkdir(parents=True)
+    torch.save(model.state_dict(), folder / "model.pt")
+    meta = {"config": {"model": "segnet-basic", "data": str(data)}, "num_classes": 11, "image_size": SIZE}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def register_seeded(uri: str, name: str, seed: int, miou: float, tmp: Path, data: Path, **kw) -> dict:
+    """A checkpoint of `seed` registered as a new version of `name` with test mIoU `miou`."""
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("tests")
+    local = None if uri.startswith("http") else (tmp / "artifacts").as_uri()  # a server proxies them
+    exp_id = exp.experiment_id if exp else c.create_experiment("tests", artifact_location=local)
+    run = c.create_run(exp_id, run_name=f"{name}-{seed}")
+    ckpt = write_checkpoint(tmp / f"{name}-{seed}", seed, data)
+    scores = {"miou": miou, "global_accuracy": 0.8, "class_accuracy": 0.6, "bf": 0.5}
+    return registry.register(uri, name, ckpt, scores, "0" * 64, run.info.run_id, log=lambda _: None, **kw)
