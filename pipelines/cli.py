@@ -146,6 +146,32 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} label PNGs to {args.output}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import time
+
+    from ray import serve
+
+    from pipelines.serve import start
+    from pipelines.tracking import tracking_uri
+
+    url = start(tracking_uri(args.mlflow_uri), args.model, args.host, args.port, args.replicas,
+                args.max_batch_size, args.batch_wait_ms, args.poll, args.address)  # fmt: skip
+    print(f"try: curl -s --data-binary @IMAGE.png -H 'Content-Type: image/png' '{url}/predict?format=json'")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pipelines.export import export_onnx
+    from pipelines.tracking import tracking_uri
+
+    report = export_onnx(tracking_uri(args.mlflow_uri), args.model, args.out, args.source, args.images)
+    print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k:<28} {v}" for k, v in report.items()))
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.submit import submit
 
@@ -311,6 +337,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write colour overlays")
     p.add_argument("--mlflow-uri", default=None)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve a registered model over HTTP with Ray Serve (127.0.0.1:8000)")
+    p.add_argument("model", nargs="?", default="models:/segnet-camvid@champion", help="models:/NAME@ALIAS")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="each takes a GPU when the cluster has them")
+    p.add_argument("--max-batch-size", type=int, default=4, help="requests batched into one forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=10, help="how long a batch waits to fill")
+    p.add_argument("--poll", type=float, default=0, metavar="S",
+                   help="check the alias every S seconds (0: only on POST /reload)")  # fmt: skip
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a registered model to ONNX and check it with onnxruntime")
+    p.add_argument("model", nargs="?", default="models:/segnet-camvid@champion")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", default=None, help="default: NAME-vVERSION.onnx")
+    p.add_argument("--source", default=default_camvid(), help="CamVid, for the check (default: $CAMVID_DIR)")
+    p.add_argument("--images", type=int, default=8, help="CamVid test images compared")
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="the whole job: prepare CamVid, search, register, predict")
     profiles = "small: 2-core CPU machine, about 8 min; paper: the paper's recipe on GPUs"

@@ -18,10 +18,16 @@ from segnet import build_model
 SIZE = (90, 120)  # the models' training size: inference at any input size is resized to it
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function giving a free TCP port on 127.0.0.1."""
+    return _free_port
 
 
 def wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -41,7 +47,7 @@ def wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
 def mlflow_server(tmp_path_factory):
     """`mlflow server` with a sqlite store and proxied artifacts; yields its http URI."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+    port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination",
            str(tmp / "artifacts"), "--workers", "1"]  # fmt: skip
@@ -67,8 +73,13 @@ def write_checkpoint(folder: Path, seed: int, data: Path) -> Path:
     return folder
 
 
-def register_seeded(uri: str, name: str, seed: int, miou: float, tmp: Path, data: Path, **kw) -> dict:
-    """A checkpoint of `seed` registered as a new version of `name` with test mIoU `miou`."""
+@pytest.fixture(scope="session")
+def register_seeded(camvid_dir):
+    """A function registering the checkpoint of `seed` as a new version of `name` with test mIoU `miou`."""
+    return lambda uri, name, seed, miou, tmp, **kw: _register(uri, name, seed, miou, tmp, camvid_dir, **kw)
+
+
+def _register(uri: str, name: str, seed: int, miou: float, tmp: Path, data: Path, **kw) -> dict:
     c = tracking.client(uri)
     exp = c.get_experiment_by_name("tests")
     local = None if uri.startswith("http") else (tmp / "artifacts").as_uri()  # a server proxies them
