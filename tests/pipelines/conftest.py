@@ -30,7 +30,13 @@ def free_port():
     return _free_port
 
 
-def wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+@pytest.fixture(scope="session")
+def wait_for():
+    """A function waiting until a server process answers at a URL (or fails if it exits)."""
+    return _wait_for
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -55,7 +61,7 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{uri}/health", proc)
+        _wait_for(f"{uri}/health", proc)
         yield uri
     finally:
         proc.terminate()
@@ -87,4 +93,5 @@ def _register(uri: str, name: str, seed: int, miou: float, tmp: Path, data: Path
     run = c.create_run(exp_id, run_name=f"{name}-{seed}")
     ckpt = write_checkpoint(tmp / f"{name}-{seed}", seed, data)
     scores = {"miou": miou, "global_accuracy": 0.8, "class_accuracy": 0.6, "bf": 0.5}
-    return registry.register(uri, name, ckpt, scores, "0" * 64, run.info.run_id, log=lambda _: None, **kw)
+    kw.setdefault("log", lambda _: None)
+    return registry.register(uri, name, ckpt, scores, "0" * 64, run.info.run_id, **kw)
