@@ -162,7 +162,9 @@ def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/m@champion",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log, stderr=log)
+    path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # it runs `uvicorn` from this venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", proc)
         payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
