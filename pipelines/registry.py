@@ -102,9 +102,9 @@ def register(
     }
     for key, value in tags.items():
         c.set_model_version_tag(name, version, key, str(value))
-    log(f"registered {name} v{version}: {tracking.ui_address(uri, f'#/models/{name}/versions/{version}')}")
     moved, reason = _maybe_move_champion(c, name, version, scores["test_miou"], force_alias)
     log(reason)
+    log(f"registered {name} v{version}: {tracking.ui_address(uri, f'#/models/{name}/versions/{version}')}")
     return {
         "name": name,
         "version": version,
