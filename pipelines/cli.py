@@ -218,7 +218,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
     from pipelines.bench import bench_serve
 
-    image = args.image or sorted((Path(default_camvid()) / "test").glob("*.png"))[0]
+    found = sorted((Path(default_camvid()) / "test").glob("*.png"))[:1]
+    if not (args.image or found):
+        raise SegNetError(f"no --image given and no CamVid test images in {default_camvid()}/test")
+    image = args.image or found[0]
     url = args.url
     if url is None:  # serve the model here for the bench's length
         from ray import serve

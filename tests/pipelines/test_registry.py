@@ -178,3 +178,14 @@ def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for
     assert np.array_equal(
         labels, registry.load(uri, "m@champion").predict(pd.DataFrame({"image": [image]}))[0]
     )
+
+
+def test_a_new_run_prints_its_ui_address(tmp_path, capsys):
+    from pipelines.train import TrainConfig
+
+    (tmp_path / "manifest.json").write_text("{}")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rid = tracking.start_run(
+        uri, "e", "r", TrainConfig(data=str(tmp_path)), tmp_path / "manifest.json", "0" * 64
+    )
+    assert f"/runs/{rid} (after: mlflow ui --backend-store-uri {uri})" in capsys.readouterr().out
