@@ -155,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pipelines.tracking import tracking_uri
 
     url = start(tracking_uri(args.mlflow_uri), args.model, args.host, args.port, args.replicas,
-                args.max_batch_size, args.batch_wait_ms, args.poll, args.address)  # fmt: skip
+                args.max_batch_size, args.batch_wait_ms, args.poll, args.address,
+                args.cpus_per_replica)  # fmt: skip
     print(f"try: curl -s --data-binary @IMAGE.png -H 'Content-Type: image/png' '{url}/predict?format=json'")
     try:
         while True:
@@ -230,7 +231,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         from pipelines.tracking import tracking_uri
 
         url = start(tracking_uri(args.mlflow_uri), args.model, port=args.port, replicas=args.replicas,
-                    max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)  # fmt: skip
+                    max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                    cpus_per_replica=args.cpus_per_replica)  # fmt: skip
     try:
         figures = bench_serve(url, image, args.clients, args.requests, args.plot)
     finally:
@@ -370,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="each takes a GPU when the cluster has them")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="also its torch threads")
     p.add_argument("--max-batch-size", type=int, default=4, help="requests batched into one forward pass")
     p.add_argument("--batch-wait-ms", type=float, default=10, help="how long a batch waits to fill")
     p.add_argument("--poll", type=float, default=0, metavar="S",
@@ -483,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="serve-latency.png", help="latency plot PNG")
     p.add_argument("--port", type=int, default=8000, help="without --url")
     p.add_argument("--replicas", type=int, default=1, help="without --url")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="without --url")
     p.add_argument("--max-batch-size", type=int, default=4, help="without --url")
     p.add_argument("--batch-wait-ms", type=float, default=10, help="without --url")
     p.add_argument("--mlflow-uri", default=None)

@@ -96,13 +96,15 @@ class SegNetServer:
             return refuse(415, f"content type {ctype or 'none'!r}: send the image as {expected}")
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
             return refuse(413, f"body of {request.headers['content-length']} bytes is over {MAX_BODY} bytes")
-        body = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():  # a body without a length stops being read at the limit
+            body += chunk
+            if len(body) > MAX_BODY:
+                return refuse(413, f"body is over {MAX_BODY} bytes")
         if not body:
             return refuse(400, "empty body: send a PNG or JPEG image")
-        if len(body) > MAX_BODY:
-            return refuse(413, f"body of {len(body)} bytes is over {MAX_BODY} bytes")
         try:
-            image = decode_image(body, "the request body")
+            image = decode_image(bytes(body), "the request body")
         except SegNetError as e:
             return refuse(400, str(e))
         labels, version = await self.predict_batch(image)
@@ -128,8 +130,10 @@ def start(
     batch_wait_ms: float = 10,
     poll_s: float = 0,
     address: str | None = None,
+    cpus_per_replica: float = 1,
 ) -> str:
-    """Deploy the model (replicas take a GPU each when the cluster has them); returns the base URL."""
+    """Deploy the model (replicas take a GPU each when the cluster has them; torch in a replica uses as
+    many threads as it has CPUs); returns the base URL."""
     import ray
 
     from data_prep.shards import init_ray
@@ -138,9 +142,9 @@ def start(
     init_ray(address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= replicas else 0
     serve.start(http_options={"host": host, "port": port})
-    app = SegNetServer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus}).bind(
-        uri, ref, max_batch_size, batch_wait_ms / 1000, poll_s
-    )
+    resources = {"num_gpus": gpus, "num_cpus": cpus_per_replica}
+    app = SegNetServer.options(num_replicas=replicas, ray_actor_options=resources)
+    app = app.bind(uri, ref, max_batch_size, batch_wait_ms / 1000, poll_s)
     serve.run(app, name="segnet", route_prefix="/")
     print(f"serving {info['name']} v{info['version']} ({ref}) at http://{host}:{port}/predict")
     return f"http://{host}:{port}"
