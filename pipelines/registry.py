@@ -122,7 +122,7 @@ def model_id(version) -> str | None:
     return version.source.removeprefix("models:/") if version.source.startswith("models:/") else None
 
 
-def test_metrics(c, version) -> dict:
+def logged_metrics(c, version) -> dict:
     """The test metrics logged on a version's LoggedModel."""
     mid = model_id(version)
     return {m.key: m.value for m in c.get_logged_model(mid).metrics or []} if mid else {}
@@ -136,7 +136,7 @@ def _maybe_move_champion(c, name: str, version: str, new: float, force: bool) ->
     if current is None:
         c.set_registered_model_alias(name, CHAMPION, version)
         return True, f"{name} v{version} is now {CHAMPION}: there was none (test mIoU {new:.4f})"
-    old = test_metrics(c, current).get("test_miou", float("nan"))
+    old = logged_metrics(c, current).get("test_miou", float("nan"))
     if force:
         c.set_registered_model_alias(name, CHAMPION, version)
         return (
@@ -215,7 +215,7 @@ def show(uri: str, ref: str) -> dict:
         "name": v.name,
         "version": str(v.version),
         "aliases": list(v.aliases or []),
-        "metrics": test_metrics(tracking.client(uri), v),
+        "metrics": logged_metrics(tracking.client(uri), v),
         "model_id": model_id(v),
         "run_id": v.run_id,
         "data_manifest_sha256": v.tags.get("data_manifest_sha256"),
