@@ -325,3 +325,50 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
         figures["speed_vs_baseline"] = figures["images_per_s"] / figures["baseline_images_per_s"]
         figures["memory_vs_baseline"] = ours["peak_memory_bytes"] / max(ref["peak_memory_bytes"], 1)
     return figures
+
+
+def bench_serve(url: str, image: str | Path, clients: int = 8, requests_per_client: int = 25,
+                plot: str | Path | None = None) -> dict:  # fmt: skip
+    """N concurrent clients, each posting the image `requests_per_client` times to a running `segnet serve`
+    over HTTP: requests/s, latency percentiles, errors (any answer but 200), and a latency plot."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from pipelines.plots import save_latency_plot
+
+    data = Path(image).read_bytes()
+    ctype = "image/jpeg" if Path(image).suffix.lower() in (".jpg", ".jpeg") else "image/png"
+    requests.post(f"{url}/predict", data=data, headers={"Content-Type": ctype}, timeout=120)  # warm-up
+    t0 = time.perf_counter()
+
+    def client(_) -> list[tuple[float, float, bool]]:
+        session, out = requests.Session(), []
+        for _ in range(requests_per_client):
+            start = time.perf_counter()
+            try:
+                r = session.post(f"{url}/predict", data=data, headers={"Content-Type": ctype}, timeout=120)
+                ok = r.status_code == 200
+            except requests.RequestException:
+                ok = False
+            out.append((start - t0, time.perf_counter() - start, ok))
+        return out
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    ok = [(s, 1000 * t) for s, t, good in results if good]
+    latencies = np.array([t for _, t in ok]) if ok else np.array([np.nan])
+    figures = {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "requests_per_s": round(len(ok) / wall, 2),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        "p95_ms": round(float(np.percentile(latencies, 95)), 1),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+    }
+    if plot and ok:
+        title = f"segnet serve: {clients} clients, {figures['requests_per_s']} req/s"
+        figures["plot"] = str(save_latency_plot([t for _, t in ok], [s for s, _ in ok], title, Path(plot)))
+    return figures

@@ -135,7 +135,7 @@ def cmd_registry(args: argparse.Namespace) -> None:
             print(f"no registered models in {uri}")
         for r in rows:
             aliases = ", ".join(f"@{a}=v{v}" for a, v in r["aliases"].items())
-            print(f"{r['name']:<24} versions {','.join(r['latest_versions']):<8} {aliases}")
+            print(f"{r['name']:<24} versions {','.join(r['versions']):<8} {aliases}")
     else:
         print(json.dumps(registry.show(uri, args.ref), indent=2, default=str))
 
@@ -146,6 +146,33 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     written = predict(tracking_uri(args.mlflow_uri), args.model, args.input, args.output, args.overlay)
     print(f"wrote {len(written)} label PNGs to {args.output}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import time
+
+    from ray import serve
+
+    from pipelines.serve import start
+    from pipelines.tracking import tracking_uri
+
+    url = start(tracking_uri(args.mlflow_uri), args.model, args.host, args.port, args.replicas,
+                args.max_batch_size, args.batch_wait_ms, args.poll, args.address,
+                args.cpus_per_replica)  # fmt: skip
+    print(f"try: curl -s --data-binary @IMAGE.png -H 'Content-Type: image/png' '{url}/predict?format=json'")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pipelines.export import export_onnx
+    from pipelines.tracking import tracking_uri
+
+    report = export_onnx(tracking_uri(args.mlflow_uri), args.model, args.out, args.source, args.images)
+    print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k:<28} {v}" for k, v in report.items()))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -187,6 +214,34 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     print(
         json.dumps(figures, indent=2) if args.json else "\n".join(f"{k:<28} {v}" for k, v in figures.items())
     )
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pipelines.bench import bench_serve
+
+    found = sorted((Path(default_camvid()) / "test").glob("*.png"))[:1]
+    if not (args.image or found):
+        raise SegNetError(f"no --image given and no CamVid test images in {default_camvid()}/test")
+    image = args.image or found[0]
+    url = args.url
+    if url is None:  # serve the model here for the bench's length
+        from ray import serve
+
+        from pipelines.serve import start
+        from pipelines.tracking import tracking_uri
+
+        url = start(tracking_uri(args.mlflow_uri), args.model, port=args.port, replicas=args.replicas,
+                    max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                    cpus_per_replica=args.cpus_per_replica)  # fmt: skip
+    try:
+        figures = bench_serve(url, image, args.clients, args.requests, args.plot)
+    finally:
+        if args.url is None:
+            serve.shutdown()
+    lines = "\n".join(f"{k:<16} {v}" for k, v in figures.items())
+    print(json.dumps(figures, indent=2) if args.json else lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +377,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("serve", help="serve a registered model over HTTP with Ray Serve (127.0.0.1:8000)")
+    p.add_argument("model", nargs="?", default="models:/segnet-camvid@champion", help="models:/NAME@ALIAS")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="each takes a GPU when the cluster has them")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="also its torch threads")
+    p.add_argument("--max-batch-size", type=int, default=4, help="requests batched into one forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=10, help="how long a batch waits to fill")
+    p.add_argument("--poll", type=float, default=0, metavar="S",
+                   help="check the alias every S seconds (0: only on POST /reload)")  # fmt: skip
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a registered model to ONNX and check it with onnxruntime")
+    p.add_argument("model", nargs="?", default="models:/segnet-camvid@champion")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", default=None, help="default: NAME-vVERSION.onnx")
+    p.add_argument("--source", default=default_camvid(), help="CamVid, for the check (default: $CAMVID_DIR)")
+    p.add_argument("--images", type=int, default=8, help="CamVid test images compared")
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("run", help="the whole job: prepare CamVid, search, register, predict")
     profiles = "small: 2-core CPU machine, about 8 min; paper: the paper's recipe on GPUs"
     p.add_argument("--profile", default="small", choices=["small", "paper"], help=profiles)
@@ -410,6 +489,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile ours with this mode (default: eager)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
+    p = bench_sub.add_parser("serve", help="requests/s and p50/p95/p99 latency of concurrent HTTP clients")
+    p.add_argument("--url", default=None, help="a running `segnet serve` (default: serve --model here)")
+    p.add_argument("--model", default="models:/segnet-camvid@champion", help="served when --url is not given")
+    p.add_argument("--image", default=None, help="the image posted (default: the first CamVid test image)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--requests", type=int, default=25, help="requests per client")
+    p.add_argument("--plot", default="serve-latency.png", help="latency plot PNG")
+    p.add_argument("--port", type=int, default=8000, help="without --url")
+    p.add_argument("--replicas", type=int, default=1, help="without --url")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="without --url")
+    p.add_argument("--max-batch-size", type=int, default=4, help="without --url")
+    p.add_argument("--batch-wait-ms", type=float, default=10, help="without --url")
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 

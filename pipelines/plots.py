@@ -109,3 +109,22 @@ def save_table1_chart(lines: list[dict], modes: list[str], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_latency_plot(latencies_ms: list[float], starts_s: list[float], title: str, path: Path) -> Path:
+    """Each request's latency over the bench's time, and their distribution with p50/p95/p99 marked."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(starts_s, latencies_ms, ".", markersize=3)
+    left.set_xlabel("request start (s)")
+    left.set_ylabel("latency (ms)")
+    right.hist(latencies_ms, bins=40)
+    for q in (50, 95, 99):
+        right.axvline(np.percentile(latencies_ms, q), color="k", linestyle=":", linewidth=1)
+        right.text(np.percentile(latencies_ms, q), right.get_ylim()[1] * 0.95, f"p{q}", rotation=90, va="top")
+    right.set_xlabel("latency (ms)")
+    right.set_ylabel("requests")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

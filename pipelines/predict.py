@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from pipelines import registry
 from pipelines.plots import overlay
+from pipelines.pyfunc_model import check_pixels
 from segnet.errors import SegNetError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -27,7 +29,10 @@ def input_images(path: str | Path) -> list[Path]:
 def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
+            check_pixels(img.width, img.height, str(path))  # before decoding: no decompression bombs
             return np.asarray(img.convert("RGB"))
+    except SegNetError:
+        raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable files
         raise SegNetError(f"{path} cannot be decoded as an image ({e})") from e
 
@@ -43,8 +48,7 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for f, image in zip(files, images):
-        x = (image.astype(np.float32) / 255).transpose(2, 0, 1)[None]
-        labels = model.predict(x)[0].argmax(0).astype(np.uint8)
+        labels = model.predict(pd.DataFrame({"image": [image]}))[0]
         target = out / f"{f.stem}.png"
         Image.fromarray(labels).save(target)
         written.append(target)

@@ -1,6 +1,8 @@
 """The MLflow model registry: register a checkpoint as a pyfunc, move the `champion` alias, look up."""
 
 import hashlib
+import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -9,15 +11,21 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from PIL import Image
 
+from data_prep.augment import MEAN, STD
 from pipelines import tracking
 from segnet.errors import SegNetError
 
 CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SEGNET_CODE = Path(__file__).parents[1] / "segnet"  # the model's only code: torch and numpy, no Ray
+# What loading the model needs, pinned to this environment's versions (torch without its +cpu/+cuXXX tag).
+REQUIREMENTS = ("mlflow-skinny", "torch", "numpy", "pandas", "pillow")
 # A registry that does not answer should say so in seconds, not retry for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
@@ -25,6 +33,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 def _unreachable(uri: str, e: Exception) -> SegNetError:
     return SegNetError(f"MLflow registry at {uri} is unreachable or refused the request: {e}")
+
+
+def requirements() -> list[str]:
+    return [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in REQUIREMENTS]
 
 
 def register(
@@ -37,8 +49,9 @@ def register(
     force_alias: bool = False,
     log=print,
 ) -> dict:
-    """Log the checkpoint as a pyfunc under `run_id`, register a new version with its test metrics, data
-    identity and training config, and move `champion` only when its test mIoU beats the champion's."""
+    """Log the checkpoint as a pyfunc under `run_id` with its test metrics on the LoggedModel (linked to
+    the data), register a new version with its data identity and training config, and move `champion`
+    only when its test mIoU beats the champion's."""
     checkpoint = Path(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
     c = tracking.client(uri)
@@ -49,53 +62,70 @@ def register(
             "config": meta["config"],
             "num_classes": meta["num_classes"],
             "image_size": meta["image_size"],
+            "mean": MEAN,
+            "std": STD,
             "manifest_sha256": manifest_sha256,
             "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         }
         (Path(tmp) / "meta.json").write_text(json.dumps(model_meta, indent=2))
-        k = meta["num_classes"]
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k, -1, -1))]),
+            inputs=Schema([ColSpec(DataType.binary, "image")]),
+            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
         )
-        h, w = meta["image_size"]
-        example = np.random.default_rng(0).random((1, 3, h // 4, w // 4), dtype=np.float32)
+        example = io.BytesIO()
+        Image.new("RGB", (48, 32), (128, 64, 32)).save(example, format="PNG")
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
+        scores = {f"test_{k}": float(v) for k, v in test_metrics.items() if isinstance(v, int | float)}
         try:
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(PYFUNC_CODE),
+                    code_paths=[str(SEGNET_CODE)],
                     artifacts={"weights": str(weights), "meta": str(Path(tmp) / "meta.json")},
                     signature=signature,
-                    input_example=example,
+                    input_example=pd.DataFrame({"image": [example.getvalue()]}),
+                    pip_requirements=requirements(),
                     registered_model_name=name,
                 )
+                data = tracking.dataset(meta["config"]["data"], manifest_sha256, "camvid-test")
+                mlflow.log_metrics(scores, model_id=info.model_id, dataset=data)
         except MlflowException as e:
             raise _unreachable(uri, e) from e
     version = str(info.registered_model_version)
-    tags = {f"test_{k}": v for k, v in test_metrics.items() if isinstance(v, int | float)}
-    tags.update(
-        {
-            "data_manifest_sha256": manifest_sha256,
-            "training_config": json.dumps(meta["config"]),
-            "checkpoint": str(checkpoint),
-            "model": meta["config"]["model"],
-        }
-    )
+    tags = {
+        "data_manifest_sha256": manifest_sha256,
+        "training_config": json.dumps(meta["config"]),
+        "checkpoint": str(checkpoint),
+        "model": meta["config"]["model"],
+    }
     for key, value in tags.items():
         c.set_model_version_tag(name, version, key, str(value))
-    new = float(test_metrics["miou"])
-    moved, reason = _maybe_move_champion(c, name, version, new, force_alias)
+    moved, reason = _maybe_move_champion(c, name, version, scores["test_miou"], force_alias)
     log(reason)
+    log(f"registered {name} v{version}: {tracking.ui_address(uri, f'#/models/{name}/versions/{version}')}")
     return {
         "name": name,
         "version": version,
         "champion": moved,
         "reason": reason,
         "model_uri": info.model_uri,
+        "model_id": info.model_id,
     }
+
+
+def model_id(version) -> str | None:
+    """The LoggedModel behind a version (the store leaves `model_id` empty; its source names it)."""
+    if version.model_id:
+        return version.model_id
+    return version.source.removeprefix("models:/") if version.source.startswith("models:/") else None
+
+
+def logged_metrics(c, version) -> dict:
+    """The test metrics logged on a version's LoggedModel."""
+    mid = model_id(version)
+    return {m.key: m.value for m in c.get_logged_model(mid).metrics or []} if mid else {}
 
 
 def _maybe_move_champion(c, name: str, version: str, new: float, force: bool) -> tuple[bool, str]:
@@ -106,7 +136,7 @@ def _maybe_move_champion(c, name: str, version: str, new: float, force: bool) ->
     if current is None:
         c.set_registered_model_alias(name, CHAMPION, version)
         return True, f"{name} v{version} is now {CHAMPION}: there was none (test mIoU {new:.4f})"
-    old = float(current.tags.get("test_miou", "nan"))
+    old = logged_metrics(c, current).get("test_miou", float("nan"))
     if force:
         c.set_registered_model_alias(name, CHAMPION, version)
         return (
@@ -126,20 +156,24 @@ def _maybe_move_champion(c, name: str, version: str, new: float, force: bool) ->
     )
 
 
-def list_models(uri: str) -> list[dict]:
+def _versions(uri: str, name: str | None = None) -> list:
     c = tracking.client(uri)
     try:
-        models = c.search_registered_models()
+        return list(c.search_model_versions(f"name='{name}'" if name else None))
     except Exception as e:  # noqa: BLE001
         raise _unreachable(uri, e) from e
-    rows = []
-    for m in models:
-        rows.append({
-            "name": m.name,
-            "latest_versions": [str(v.version) for v in (m.latest_versions or [])],
-            "aliases": dict(m.aliases or {}),
-        })  # fmt: skip
-    return rows
+
+
+def list_models(uri: str) -> list[dict]:
+    """Each registered model with its versions and aliases, from `search_model_versions`."""
+    c = tracking.client(uri)
+    rows: dict[str, dict] = {}
+    for v in sorted(_versions(uri), key=lambda v: (v.name, int(v.version))):
+        row = rows.setdefault(v.name, {"name": v.name, "versions": [], "aliases": {}})
+        row["versions"].append(str(v.version))
+    for row in rows.values():  # versions from a search carry no aliases
+        row["aliases"] = {a: str(n) for a, n in (c.get_registered_model(row["name"]).aliases or {}).items()}
+    return list(rows.values())
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -158,10 +192,7 @@ def resolve_version(uri: str, ref: str):
     """The model version a reference names; unknown names and aliases list what exists."""
     name, alias, version = parse_ref(ref)
     c = tracking.client(uri)
-    try:
-        names = [m.name for m in c.search_registered_models()]
-    except Exception as e:  # noqa: BLE001
-        raise _unreachable(uri, e) from e
+    names = sorted({v.name for v in _versions(uri)})
     if name not in names:
         raise SegNetError(f"no registered model {name!r} in {uri}; registered: {', '.join(names) or 'none'}")
     model = c.get_registered_model(name)
@@ -170,7 +201,7 @@ def resolve_version(uri: str, ref: str):
             known = ", ".join(f"@{a}" for a in model.aliases or {}) or "none"
             raise SegNetError(f"model {name!r} has no alias {alias!r}; aliases: {known}")
         return c.get_model_version_by_alias(name, alias)
-    versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+    versions = sorted(int(v.version) for v in _versions(uri, name))
     if version is None:
         version = str(versions[-1])
     if int(version) not in versions:
@@ -180,13 +211,12 @@ def resolve_version(uri: str, ref: str):
 
 def show(uri: str, ref: str) -> dict:
     v = resolve_version(uri, ref)
-    model = tracking.client(uri).get_registered_model(v.name)
-    aliases = [a for a, ver in (model.aliases or {}).items() if str(ver) == str(v.version)]
     return {
         "name": v.name,
         "version": str(v.version),
-        "aliases": aliases,
-        "metrics": {k: float(val) for k, val in v.tags.items() if k.startswith("test_")},
+        "aliases": list(v.aliases or []),
+        "metrics": logged_metrics(tracking.client(uri), v),
+        "model_id": model_id(v),
         "run_id": v.run_id,
         "data_manifest_sha256": v.tags.get("data_manifest_sha256"),
         "model": v.tags.get("model"),

@@ -85,12 +85,25 @@ def start_run(
         tags["mlflow.source.git.commit"] = commit
     for k, v in tags.items():
         c.set_tag(rid, k, v)
+    data = dataset(manifest_path.parent, manifest_sha)
+    c.log_inputs(rid, datasets=[mlflow.entities.DatasetInput(data._to_mlflow_entity(), [])])
+    print(f"MLflow run {rid}: {ui_address(uri, f'#/experiments/{run.info.experiment_id}/runs/{rid}')}")
+    return rid
+
+
+def dataset(folder: str | Path, manifest_sha: str, name: str = "camvid-shards") -> MetaDataset:
+    """The shard folder as an MLflow dataset, identified by its manifest's sha256."""
     with warnings.catch_warnings():  # a local folder resolves to two equivalent source types
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(manifest_path.parent))
-    dataset = MetaDataset(source, name="camvid-shards", digest=manifest_sha[:32])
-    c.log_inputs(rid, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), [])])
-    return rid
+        source = resolve_dataset_source(str(folder))
+    return MetaDataset(source, name=name, digest=manifest_sha[:32])
+
+
+def ui_address(uri: str, page: str) -> str:
+    """Where a person sees `page` (a UI route such as #/models/NAME) of this tracking store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (after: mlflow ui --backend-store-uri {uri})"
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
