@@ -160,9 +160,14 @@ def test_resume_continues_an_interrupted_run(shards, tmp_path):
     assert meta["config"]["model"] == "segnet-basic"
 
 
-def test_channels_last_and_bf16_autocast_train(shards, tmp_path):
-    best = train(_cfg(shards, tmp_path, epochs=1, workers=1, amp=True, channels_last=True, name="fast"))
-    assert np.isfinite(best["history"][0]["train_loss"])
+def test_channels_last_bf16_autocast_and_device_side_input_train(shards, tmp_path):
+    """The GPU defaults (augmentation and metrics on the device) through the real worker loop, on a CPU."""
+    cfg = _cfg(
+        shards, tmp_path, epochs=1, workers=1, amp=True, channels_last=True, input="device", name="fast"
+    )
+    first = train(cfg)["history"][0]
+    assert np.isfinite(first["train_loss"]) and 0 <= first["val_bf"] <= 1
+    assert 0 <= first["data_wait_fraction"] < 1
 
 
 @pytest.mark.parametrize(
@@ -175,6 +180,8 @@ def test_channels_last_and_bf16_autocast_train(shards, tmp_path):
         ({"batch_size": 5}, "multiple of --workers"),
         ({"class_weighting": "log"}, "unknown class weighting"),
         ({"sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
+        ({"compile": "yes"}, "--compile 'yes'"),
+        ({"input": "gpu"}, "--input 'gpu'"),
     ],
 )
 def test_bad_config_fails_before_any_worker_starts(shards, tmp_path, change, message):
