@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segnet.classes import VOID
 from segnet.errors import SegNetError
 
 SPLITS = ("train", "val", "test")
-VOID = 11
 
 # The standard CamVid-11 grouping of the original release's 32 colour classes (as used by SegNet and
 # every CamVid-11 benchmark since): RGB colour -> 0 Sky .. 10 Bicyclist, 11 void.

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from data_prep.device_augment import MEAN, STD, normalize
 from segnet import CLASSES
+from segnet.classes import NUM_CLASSES
 from segnet.errors import SegNetError
 from segnet.metrics import SegmentationMeter
 
@@ -87,7 +88,7 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, num_classes=11, amp=False, channels_last=False, keep=0):
+def evaluate(model, batches, device, num_classes=NUM_CLASSES, amp=False, channels_last=False, keep=0):
     """(meter, examples): the confusion matrix and BF sums over the batches, on the device; logits are
     upsampled to the label's full size. `examples` holds up to `keep` (uint8 image, prediction, label)
     triples on the CPU for overlays. Call `meter.all_reduce()` under DDP before `meter.compute()`."""

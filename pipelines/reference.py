@@ -4,6 +4,7 @@ same order as the project's models, so `copy_weights` moves weights between them
 
 from torch import nn
 
+from segnet.classes import NUM_CLASSES
 from segnet.vgg import VGG16_BLOCKS
 
 
@@ -13,7 +14,7 @@ def _unit(cin: int, cout: int, k: int, relu: bool = True) -> list[nn.Module]:
 
 
 class PlainSegNetBasic(nn.Module):
-    def __init__(self, num_classes: int = 11):
+    def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.encoders = nn.ModuleList(nn.Sequential(*_unit(3 if i == 0 else 64, 64, 7)) for i in range(4))
         self.decoders = nn.ModuleList(nn.Sequential(*_unit(64, 64, 7, relu=False)) for _ in range(4))
@@ -34,7 +35,7 @@ class PlainSegNetBasic(nn.Module):
 
 
 class PlainSegNet(nn.Module):
-    def __init__(self, num_classes: int = 11):
+    def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.encoders, self.decoders, ch = nn.ModuleList(), nn.ModuleList(), 3
         for widths in VGG16_BLOCKS:
@@ -69,5 +70,5 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
     dst.load_state_dict({k: v.clone() for k, v in zip(d, s.values())})
 
 
-def build_reference(name: str, num_classes: int = 11) -> nn.Module:
+def build_reference(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
     return REFERENCES[name](num_classes)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segnet.classes import NUM_CLASSES
 from segnet.layers import check_input_size, conv_bn, he_init, pool, unpool
 
 WIDTH = 64
@@ -47,7 +48,7 @@ class SegNetBasic(nn.Module):
 
     def __init__(
         self,
-        num_classes: int = 11,
+        num_classes: int = NUM_CLASSES,
         in_channels: int = 3,
         encoder_addition: bool = False,
         single_channel: bool = False,
@@ -88,7 +89,7 @@ class FCNBasic(nn.Module):
 
     def __init__(
         self,
-        num_classes: int = 11,
+        num_classes: int = NUM_CLASSES,
         in_channels: int = 3,
         addition: bool = True,
         dim_reduction: bool = True,
@@ -136,7 +137,7 @@ class BilinearInterpolation(nn.Module):
     num_pools = DEPTH
     storage_multiplier = 0
 
-    def __init__(self, num_classes: int = 11, in_channels: int = 3):
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3):
         super().__init__()
         self.encoder = BasicEncoder(in_channels)
         self.classifier = nn.Conv2d(WIDTH, num_classes, 1)

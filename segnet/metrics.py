@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
+from segnet.classes import NUM_CLASSES, VOID
+
 BF_TOLERANCE = 0.0075  # fraction of the image diagonal within which boundary pixels match (Csurka et al.)
 
 
@@ -19,7 +21,7 @@ def _as_tensor(a) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
 
 
-def confusion_matrix(pred, target, num_classes: int = 11, ignore_index: int = 11) -> torch.Tensor:
+def confusion_matrix(pred, target, num_classes: int = NUM_CLASSES, ignore_index: int = VOID) -> torch.Tensor:
     """(num_classes, num_classes) counts, rows = ground truth, columns = prediction; void pixels skipped."""
     pred, target = _as_tensor(pred).reshape(-1).long(), _as_tensor(target).reshape(-1).long()
     if pred.shape != target.shape:
@@ -51,7 +53,7 @@ def scores_from_confusion(cm) -> dict:
     }
 
 
-def segmentation_scores(pred, target, num_classes: int = 11, ignore_index: int = 11) -> dict:
+def segmentation_scores(pred, target, num_classes: int = NUM_CLASSES, ignore_index: int = VOID) -> dict:
     """G, C, mIoU and per-class IoU of integer maps of shape (N, H, W), numpy or torch."""
     return scores_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))
 
@@ -59,7 +61,7 @@ def segmentation_scores(pred, target, num_classes: int = 11, ignore_index: int =
 class ConfusionMatrix:
     """Accumulates over batches; `matrix` is what DDP workers all_reduce (sum) before `scores()`."""
 
-    def __init__(self, num_classes: int = 11, ignore_index: int = 11):
+    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = VOID):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
@@ -90,7 +92,9 @@ def _matched(a: np.ndarray, b: np.ndarray, tol: float) -> float:
     return float((dist[a] <= tol).mean())
 
 
-def boundary_f1_per_image(pred, target, num_classes: int = 11, ignore_index: int = 11) -> np.ndarray:
+def boundary_f1_per_image(
+    pred, target, num_classes: int = NUM_CLASSES, ignore_index: int = VOID
+) -> np.ndarray:
     """BF of each image: mean over classes in the ground truth or the prediction of the boundary F1."""
     pred, target = _as_tensor(pred).cpu().numpy(), _as_tensor(target).cpu().numpy()
     if pred.ndim == 2:
@@ -113,7 +117,7 @@ def boundary_f1_per_image(pred, target, num_classes: int = 11, ignore_index: int
     return out
 
 
-def boundary_f1(pred, target, num_classes: int = 11, ignore_index: int = 11) -> float:
+def boundary_f1(pred, target, num_classes: int = NUM_CLASSES, ignore_index: int = VOID) -> float:
     """The paper's BF score: per-image boundary F1 averaged over images (images with no class skipped)."""
     per_image = boundary_f1_per_image(pred, target, num_classes, ignore_index)
     return float(np.nanmean(per_image)) if np.isfinite(per_image).any() else float("nan")
@@ -161,7 +165,7 @@ def _boundaries(masks: torch.Tensor) -> torch.Tensor:
     return edge
 
 
-def boundary_f1_torch(pred, target, num_classes: int = 11, ignore_index: int = 11) -> torch.Tensor:
+def boundary_f1_torch(pred, target, num_classes: int = NUM_CLASSES, ignore_index: int = VOID) -> torch.Tensor:
     """`boundary_f1_per_image` in torch on the predictions' device: every image and class at once, the
     tolerance disc applied by a convolution of the boundary maps. Returns a float64 tensor (NaN where an
     image has no class)."""
@@ -204,7 +208,7 @@ class SegmentationMeter:
     `update` per batch, `all_reduce` once across DDP workers (sums, so each image counts once), then
     `compute`: the shape of torchvision's `ConfusionMatrix.reduce_from_all_processes`."""
 
-    def __init__(self, num_classes: int = 11, ignore_index: int = 11, device="cpu"):
+    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = VOID, device="cpu"):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         self.bf_sum = torch.zeros((), dtype=torch.float64, device=device)

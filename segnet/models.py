@@ -5,6 +5,7 @@ from functools import partial
 from torch import nn
 
 from segnet.basic import BilinearInterpolation, FCNBasic, SegNetBasic
+from segnet.classes import NUM_CLASSES
 from segnet.errors import SegNetError
 from segnet.vgg import SegNet
 
@@ -25,7 +26,7 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
-def build_model(name: str, num_classes: int = 11, in_channels: int = 3, **options) -> nn.Module:
+def build_model(name: str, num_classes: int = NUM_CLASSES, in_channels: int = 3, **options) -> nn.Module:
     """Build a model by name; options go to its constructor (e.g. `dropout`, `vgg16_weights` for segnet)."""
     if name not in MODELS:
         raise SegNetError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
@@ -45,7 +46,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_summary(num_classes: int = 11) -> list[dict]:
+def model_summary(num_classes: int = NUM_CLASSES) -> list[dict]:
     """Name, parameter count and storage multiplier of every model, for `segnet models`."""
     rows = []
     for name in MODELS:

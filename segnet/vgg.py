@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segnet.classes import NUM_CLASSES
 from segnet.errors import SegNetError
 from segnet.layers import check_input_size, conv_bn, he_init, pool, recomputed, unpool
 
@@ -40,7 +41,9 @@ class SegNet(nn.Module):
     storage_multiplier = 1  # pooling indices only
     num_pools = 5
 
-    def __init__(self, num_classes: int = 11, in_channels: int = 3, dropout: float = 0.0, recompute: int = 0):
+    def __init__(
+        self, num_classes: int = NUM_CLASSES, in_channels: int = 3, dropout: float = 0.0, recompute: int = 0
+    ):
         super().__init__()
         if not 0 <= recompute <= len(VGG16_BLOCKS):
             raise SegNetError(

@@ -9,15 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_prep import prepare
-from pipelines.experiment import (
-    PAPER_TABLE1,
-    Table1Config,
-    check_conclusions,
-    run_table1,
-    variants_of,
-)
+from pipelines.experiment import Table1Config, check_conclusions, run_table1, variants_of
 from segnet import SegNetError, build_model
 from segnet.models import MODELS, count_parameters
+from segnet.paper import PAPER_TABLE1
 
 FULL_PAPER = {v: {m: PAPER_TABLE1[v][m] for m in ("median_frequency", "none")} for v in PAPER_TABLE1}
 
