@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from segnet import CLASSES  # noqa: E402
 
@@ -34,12 +34,30 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
     return out.astype(np.uint8)
 
 
+def legend(width: int, swatch: int = 14) -> np.ndarray:
+    """A white strip naming each class beside its colour (void: black, shown as the bare image)."""
+    names = [*CLASSES, "void"]
+    cell = max(110, swatch + 8 + 7 * max(map(len, names)))
+    per_row = max(1, width // cell)
+    rows = -(-len(names) // per_row)
+    strip = Image.new("RGB", (width, rows * (swatch + 8) + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, name in enumerate(names):
+        x, y = (i % per_row) * cell + 6, (i // per_row) * (swatch + 8) + 6
+        draw.rectangle(
+            [x, y, x + swatch, y + swatch], fill=tuple(int(c) for c in PALETTE[i]), outline="black"
+        )
+        draw.text((x + swatch + 5, y + 1), name, fill="black")
+    return np.asarray(strip)
+
+
 def save_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray | None, path: Path) -> Path:
-    """Image | prediction overlay | ground-truth overlay, side by side."""
+    """Image | prediction overlay | ground-truth overlay, side by side, over a legend of the class colours."""
     panels = [image, overlay(image, pred)]
     if target is not None:
         panels.append(overlay(image, target))
-    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+    row = np.concatenate(panels, axis=1)
+    Image.fromarray(np.concatenate([row, legend(row.shape[1])], axis=0)).save(path)
     return path
 
 
