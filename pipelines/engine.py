@@ -41,9 +41,7 @@ def _inputs(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_epoch(
-    model, batches, loss_fn, optimizer, device, amp=False, channels_last=False, fail=None
-) -> dict:
+def train_epoch(model, batches, loss_fn, optimizer, device, amp=False, channels_last=False) -> dict:
     """One pass over the batches. Returns the mean loss, training images/s and the fraction of the epoch
     spent waiting for the next batch (all excluding the first step, which may compile or warm up)."""
     model.train()
@@ -58,11 +56,6 @@ def train_epoch(
             x, y = next(it)
         except StopIteration:
             break
-        if fail is not None and step == fail:
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the recovery test
         x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
         if step >= 1:
             waited += time.perf_counter() - t_wait

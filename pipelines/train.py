@@ -257,18 +257,13 @@ def train_loop(config: dict) -> None:
     weights = None if cfg.class_weighting == "none" else config["class_weights"][cfg.class_weighting]
     loss_fn = segmentation_loss(weights).to(device)
     loader, val_loader = input_batches(cfg, size, rank, world, device)
-    fail = config.get("fail")
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         sampler = getattr(loader, "sampler", loader)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        kill_step = None
-        if fail and fail["epoch"] == epoch and fail["rank"] == rank and not Path(fail["marker"]).exists():
-            Path(fail["marker"]).touch()
-            kill_step = fail["step"]
-        stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last, kill_step)
+        stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last)
         keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
         meter, examples = evaluate(net, val_loader, device, num_classes, cfg.amp, cfg.channels_last, keep)
         meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
@@ -328,7 +323,6 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 def train(
     cfg: TrainConfig,
     resume: str | None = None,
-    fail: dict | None = None,
     num_classes: int | None = None,
     parent_run_id: str | None = None,
     callbacks: list | None = None,
@@ -381,7 +375,6 @@ def train(
             "manifest_sha256": sha,
             "mlflow_uri": uri,
             "run_id": run_id,
-            "fail": fail,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,

@@ -1,5 +1,9 @@
 import os
 import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,3 +42,42 @@ def copy_camvid_subset(src: Path, dest: Path, per_split: int = 2) -> Path:
 @pytest.fixture
 def small_camvid(camvid_dir, tmp_path) -> Path:
     return copy_camvid_subset(camvid_dir, tmp_path / "camvid")
+
+
+@contextmanager
+def kill_a_train_worker(ready, address: str | None = None):
+    """Fault injection from the test: once `ready()` holds, one live Ray Train worker of this session's Ray
+    is sent SIGKILL. Yields the list of killed pids (empty if none was found before the block ended)."""
+    import ray
+    import ray.util.state
+
+    address = address or ray.get_runtime_context().gcs_address
+    killed, done = [], threading.Event()
+
+    def kill_one():
+        while not done.is_set() and not killed:
+            time.sleep(0.2)
+            if not ready():
+                continue
+            filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            try:
+                actors = ray.util.state.list_actors(address=address, filters=filters, detail=True, timeout=10)
+            except Exception:  # noqa: BLE001 - the state API may be busy: ask again
+                continue
+            for actor in actors[:1]:
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.pid)
+
+    thread = threading.Thread(target=kill_one, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()
+
+
+@pytest.fixture
+def train_worker_killer():
+    """`with train_worker_killer(ready) as killed:` (see kill_a_train_worker)."""
+    return kill_a_train_worker
