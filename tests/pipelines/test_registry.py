@@ -164,8 +164,9 @@ def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for
     log = open(tmp_path / "serve.log", "w")
     path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # it runs `uvicorn` from this venv
     env = {
-        **os.environ,
+        **os.environ,  # mlflow.set_*_uri in this process also set these variables: both name this store
         "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
         "PATH": path,
         "OMP_NUM_THREADS": str(torch.get_num_threads()),
     }
