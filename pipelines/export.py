@@ -24,7 +24,7 @@ from segnet.errors import SegNetError
 from segnet.layers import fold_batch_norm
 
 LOGIT_TOLERANCE = 1e-3
-MIN_WITHIN = 0.99  # share of logits within LOGIT_TOLERANCE of PyTorch's (see below for why not all)
+MIN_WITHIN = 0.95  # share of logits within LOGIT_TOLERANCE of PyTorch's (see below for why not all)
 MIN_AGREEMENT = 0.999  # share of pixels with the same label
 # Not every logit can agree to 1e-3: where two values of a 2x2 pooling window differ by less than float
 # rounding, the two runtimes may pick different max locations, and unpooling then moves a value to the

@@ -17,13 +17,14 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from PIL import Image
 
+import segnet
 from data_prep.augment import MEAN, STD
 from pipelines import tracking
 from segnet.errors import SegNetError
 
 CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-SEGNET_CODE = Path(__file__).parents[1] / "segnet"  # the model's only code: torch and numpy, no Ray
+SEGNET_CODE = Path(segnet.__file__).parent  # the model's only code (torch and numpy); wherever Ray put it
 # What loading the model needs, pinned to this environment's versions (torch without its +cpu/+cuXXX tag).
 REQUIREMENTS = ("mlflow-skinny", "torch", "numpy", "pandas", "pillow")
 # A registry that does not answer should say so in seconds, not retry for minutes.

@@ -163,7 +163,13 @@ def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")
     path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # it runs `uvicorn` from this venv
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
+    env = {
+        **os.environ,  # mlflow.set_*_uri in this process also set these variables: both name this store
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "PATH": path,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", proc)

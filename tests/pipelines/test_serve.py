@@ -157,3 +157,11 @@ def test_bench_serve_reports_throughput_latency_and_errors_with_a_plot(server, c
     assert (figures["requests"], figures["errors"]) == (6, 0)
     assert 0 < figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused(server, image):
+    _, url = server
+    chunks = (b"\0" * 2**20 for _ in range(MAX_BODY // 2**20 + 2))  # no Content-Length: sent chunked
+    r = requests.post(f"{url}/predict", data=chunks, headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 413 and "over" in r.text
+    assert post(url, image).status_code == 200
