@@ -160,8 +160,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    from data_prep import storage
     from data_prep.shards import prepare
     from pipelines.experiment import Table1Config, check_table1, run_table1
     from pipelines.run import find_camvid
@@ -169,10 +168,10 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     names = {f.name for f in dataclasses.fields(Table1Config)}
     cfg = Table1Config(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     check_table1(cfg)
-    if not (Path(args.data) / "manifest.json").is_file():  # like `segnet run`: shards made on first use
+    if not storage.exists(storage.join(args.data, "manifest.json")):  # like `segnet run`: made on first use
         prepare(find_camvid(args.source), args.data)
     summary = run_table1(cfg)
-    print((Path(summary["out"]) / "table1.md").read_text())
+    print(storage.read_bytes(storage.join(summary["out"], "table1.md")).decode())
 
 
 def cmd_bench_model(args: argparse.Namespace) -> None:

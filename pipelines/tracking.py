@@ -65,11 +65,12 @@ def start_run(
     experiment: str,
     run_name: str,
     config,
-    manifest_path: Path,
+    data: str,
     manifest_sha: str,
     parent: str | None = None,
 ) -> str:
-    """Create the run with its params, tags and input dataset; returns the run id for the workers.
+    """Create the run with its params, tags and input dataset (the shard folder or URI `data`); returns the
+    run id for the workers.
     A `parent` run id nests it (a Tune trial under its search)."""
     c = client(uri)
     tags = {"mlflow.parentRunId": parent} if parent else None
@@ -79,7 +80,7 @@ def start_run(
     for i in range(0, len(params), 90):
         chunk = dict(list(params.items())[i : i + 90])
         c.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in chunk.items()])
-    tags = {"data.manifest": str(manifest_path), "data.manifest_sha256": manifest_sha}
+    tags = {"data.manifest": f"{data}/manifest.json", "data.manifest_sha256": manifest_sha}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -87,7 +88,7 @@ def start_run(
         c.set_tag(rid, k, v)
     with warnings.catch_warnings():  # a local folder resolves to two equivalent source types
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(manifest_path.parent))
+        source = resolve_dataset_source(data)
     dataset = MetaDataset(source, name="camvid-shards", digest=manifest_sha[:32])
     c.log_inputs(rid, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), [])])
     return rid

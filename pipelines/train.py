@@ -4,6 +4,7 @@ One `train_loop(config)` runs on every worker, as in Ray's own examples; `train(
 configuration before any worker starts, builds one TorchTrainer and fits it.
 """
 
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep import storage
 from data_prep.augment import (
     AugmentConfig,
     ShardDataset,
@@ -134,8 +136,9 @@ def check_resources(cfg: TrainConfig) -> None:
         )
 
 
-def find_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in run_dir.glob("*/model.pt"))
+def find_checkpoints(run_dir: str) -> list[str]:
+    folders = storage.list_names(run_dir, folders=True)
+    return [d for d in folders if storage.exists(storage.join(d, "model.pt"))]
 
 
 # ---------------------------------------------------------------- shared by train, evaluate and bench
@@ -245,18 +248,18 @@ def save_checkpoint(folder: Path, model, optimizer, epoch: int, meta: dict) -> N
 
 
 def load_checkpoint(folder: str | Path, device="cpu"):
-    """(model, meta) from a checkpoint folder; never unpickles code."""
-    folder = Path(folder)
-    if not (folder / "model.pt").is_file() or not (folder / "meta.json").is_file():
+    """(model, meta) from a checkpoint folder or URI, read through storage; never unpickles code."""
+    weights, meta_file = storage.join(folder, "model.pt"), storage.join(folder, "meta.json")
+    if not storage.exists(weights) or not storage.exists(meta_file):
         raise SegNetError(f"{folder} is not a checkpoint: expected model.pt and meta.json in it")
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads(storage.read_bytes(meta_file))
     cfg = meta["config"]
     model = build_model(cfg["model"], num_classes=meta["num_classes"], **model_options(cfg, weights=False))
     try:
-        state = torch.load(folder / "model.pt", map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location=device, weights_only=True)
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file gets one clear message
-        raise SegNetError(f"{folder / 'model.pt'} could not be loaded as {cfg['model']} weights: {e}") from e
+        raise SegNetError(f"{weights} could not be loaded as {cfg['model']} weights: {e}") from e
     return model.to(device), meta
 
 
@@ -396,20 +399,21 @@ def train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage = Path(cfg.storage_path).resolve()
+    root = storage.absolute(cfg.storage_path)
     run_id = None
-    if resume:  # a run name under --storage-path, or the run's folder
-        run_dir = Path(resume) if Path(resume).is_dir() else storage / resume
+    if resume:  # a run name under --storage-path, or the run's folder or URI
+        run_dir = storage.absolute(resume) if storage.is_uri(resume) or Path(resume).is_dir() else None
+        run_dir = run_dir or storage.join(root, resume)
         if not find_checkpoints(run_dir):
             raise SegNetError(f"--resume {resume}: {run_dir} holds no checkpoint to resume from")
-        saved = json.loads((run_dir / RUN_FILE).read_text())
+        saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
         epochs = cfg.epochs
         cfg = TrainConfig(**saved["config"])
         cfg.epochs = max(epochs, cfg.epochs)
-        storage, cfg.name, run_id = run_dir.parent, run_dir.name, saved["mlflow_run_id"]
+        (root, cfg.name), run_id = run_dir.rsplit("/", 1), saved["mlflow_run_id"]
     manifest = check_config(cfg, num_classes)
-    # Workers run in other directories (and, on a cluster, other machines): give them absolute paths.
-    cfg.data = str(Path(cfg.data).resolve())
+    # Workers run in other directories (and, on a cluster, other machines): give them absolute locations.
+    cfg.data, cfg.storage_path = storage.absolute(cfg.data), root
     if cfg.vgg16_weights:
         cfg.vgg16_weights = str(Path(cfg.vgg16_weights).resolve())
     size = image_size(cfg, cfg.data)
@@ -419,14 +423,11 @@ def train(
     check_resources(cfg)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri)
-    manifest_path = Path(cfg.data).resolve() / "manifest.json"
     sha = manifest_id(cfg.data)
     if run_id is None:
-        run_id = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, sha, parent_run_id)
-    (storage / name).mkdir(parents=True, exist_ok=True)
-    (storage / name / RUN_FILE).write_text(
-        json.dumps({"config": asdict(cfg), "mlflow_run_id": run_id}, indent=2)
-    )
+        run_id = tracking.start_run(uri, cfg.experiment, name, cfg, cfg.data, sha, parent_run_id)
+    run_file = json.dumps({"config": asdict(cfg), "mlflow_run_id": run_id}, indent=2)
+    storage.write_bytes(storage.join(root, name, RUN_FILE), run_file.encode())
 
     trainer = TorchTrainer(
         train_loop,
@@ -447,7 +448,7 @@ def train(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
@@ -465,18 +466,20 @@ def train(
         tracking.end_run(uri, run_id, "FAILED")
         raise SegNetError(f"training run {name} failed: {e}") from e
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, -1))
+    best_uri = storage.uri(best_ckpt.filesystem, best_ckpt.path)
+    last_meta = storage.join(storage.uri(result.checkpoint.filesystem, result.checkpoint.path), "meta.json")
     best = {
         "run": name,
-        "run_dir": str(storage / name),
+        "run_dir": storage.join(root, name),
         "mlflow_run_id": run_id,
-        "best_checkpoint": best_ckpt.path,
+        "best_checkpoint": best_uri,
         "best_epoch": best_metrics["epoch"],
         "metric": cfg.metric,
         "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_") and "iou_" not in k},
         "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k},
-        "history": json.loads((Path(result.checkpoint.path) / "meta.json").read_text())["history"],
+        "history": json.loads(storage.read_bytes(last_meta))["history"],
     }
-    tracking.set_tags(uri, run_id, {"best_checkpoint": best_ckpt.path, "best_epoch": best_metrics["epoch"]})
+    tracking.set_tags(uri, run_id, {"best_checkpoint": best_uri, "best_epoch": best_metrics["epoch"]})
     tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)
     tracking.end_run(uri, run_id)
     return best
