@@ -32,14 +32,16 @@ def client(uri: str) -> MlflowClient:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """Get or create the experiment; a local store keeps artifacts in ./mlartifacts."""
+    """Get or create the experiment; a local store keeps artifacts in mlartifacts beside its database."""
     c = client(uri)
     try:
         exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         location = None
-        if uri.startswith("sqlite:") or uri.startswith("file:"):
+        if uri.startswith("sqlite:///"):  # beside the database file, not wherever the command runs
+            location = (Path(uri[len("sqlite:///") :]).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+        elif uri.startswith("file:"):
             location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
         return c.create_experiment(name, artifact_location=location)
     except Exception as e:  # noqa: BLE001 - an unreachable store raises many types
