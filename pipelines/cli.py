@@ -8,6 +8,8 @@ import sys
 
 from segnet.errors import SegNetError
 
+PLACEMENT_HELP = "wait this long for an autoscaler to add nodes (default 0: fail at once)"
+
 
 def default_camvid() -> str:
     return os.environ.get("CAMVID_DIR", "data/CamVid")
@@ -240,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric", default="val_miou", help="checkpoint selection: val_miou | val_global_accuracy"
     )
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
+    p.add_argument("--placement-timeout", type=float, default=None, metavar="SECONDS", help=PLACEMENT_HELP)
     p.add_argument("--keep-checkpoints", type=int, default=3)
     p.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per worker")
     p.add_argument("--storage-path", default="runs", help="checkpoint storage: folder or bucket URI")
@@ -281,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None, help="val_miou (default) or val_global_accuracy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--loader-workers", type=int, default=None)
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="worker failures a trial recovers from (last checkpoint; default 0)")  # fmt: skip
+    p.add_argument("--placement-timeout", type=float, default=None, metavar="SECONDS", help=PLACEMENT_HELP)
     p.add_argument("--register-as", default=None, help="registered model name (default segnet-camvid)")
     p.add_argument(
         "--force-alias", action="store_true", default=None, help="move champion even if not better"

@@ -65,6 +65,7 @@ class TrainConfig:
     recompute: int = 0  # segnet: blocks of the N largest resolutions recomputed in backward
     metric: str = "val_miou"
     max_failures: int = 0
+    placement_timeout: float = 0  # seconds to wait for an autoscaler to add nodes; 0: fail at once
     keep_checkpoints: int = 3
     loader_workers: int = 1
     storage_path: str = "runs"
@@ -123,17 +124,38 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
 
 
 def check_resources(cfg: TrainConfig) -> None:
-    """More workers than the cluster can place would wait forever: say so instead."""
+    """More workers than the cluster can place would wait forever: say so at once; or, with
+    --placement-timeout, ask the autoscaler for them (a cluster like infra/cluster.yaml, whose GPU nodes start
+    at min_workers: 0) and wait that long for nodes to join."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
-    have = ray.cluster_resources()
     need_cpu = cfg.workers * cfg.cpus_per_worker
     need_gpu = cfg.workers * cfg.gpus_per_worker
-    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
-        raise SegNetError(
+
+    def shortfall() -> str:
+        have = ray.cluster_resources()
+        if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
+            return ""
+        return (
             f"{cfg.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
         )
+
+    short = shortfall()
+    if not short:
+        return
+    if cfg.placement_timeout <= 0:
+        raise SegNetError(f"{short} (on an autoscaling cluster, --placement-timeout SECONDS waits for nodes)")
+    bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+    request_resources(bundles=[bundle] * cfg.workers)
+    print(f"waiting up to {cfg.placement_timeout:g} s for the autoscaler to add nodes: {short}", flush=True)
+    deadline = time.monotonic() + cfg.placement_timeout
+    while short := shortfall():
+        if time.monotonic() > deadline:
+            raise SegNetError(f"no room after --placement-timeout {cfg.placement_timeout:g} s: {short}")
+        time.sleep(2)
+    print("the cluster has room now", flush=True)
 
 
 def find_checkpoints(run_dir: str) -> list[str]:

@@ -42,6 +42,8 @@ class TuneConfig:
     metric: str = "val_miou"
     seed: int = 0
     loader_workers: int = 1
+    max_failures: int = 0  # worker failures each trial's TorchTrainer recovers from (from its checkpoint)
+    placement_timeout: float = 0  # seconds each trial waits for an autoscaler to add nodes
     register_as: str = "segnet-camvid"
     force_alias: bool = False
     storage_path: str = "runs"

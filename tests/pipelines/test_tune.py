@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -223,3 +224,36 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     assert [run.info.run_name for run in trial_runs].count(done_name) == 1
     assert len({run.info.run_name for run in trial_runs}) == 3
     assert registry.show(uri, "segnet-camvid@champion")["version"] == "1"
+
+
+def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(shards, tmp_path):
+    """--max-failures reaches the trial's TorchTrainer: a worker killed (SIGKILL, from here) after the first
+    checkpoint is replaced, training resumes from that checkpoint, and the search completes."""
+    import ray.util.state
+
+    cfg = _cfg(shards, tmp_path, name="killed", num_samples=1, epochs=3, scheduler="fifo", max_failures=1)
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if list((tmp_path / "runs").glob("killed-*/checkpoint_*/model.pt")):
+                filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                for actor in ray.util.state.list_actors(filters=filters, detail=True):
+                    os.kill(actor.pid, signal.SIGKILL)
+                    killed.append(actor.pid)
+                    break
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    summary = tune_search(cfg)
+    killer.join()
+    assert killed, "no worker was killed"
+    assert summary["trials"][0]["epochs"] == 3 and not summary["trials"][0]["error"]
+    meta = json.loads(
+        (tmp_path / "runs" / summary["best"]["checkpoint"].split("/runs/")[1] / "meta.json").read_text()
+    )
+    assert [h["epoch"] for h in meta["history"]] == [0, 1, 2]
+    run = MlflowClient(tracking_uri=cfg.mlflow_uri).get_metric_history(meta["mlflow_run_id"], "val_miou")
+    assert sorted(m.step for m in run) == [0, 1, 2]
