@@ -160,29 +160,30 @@ def copy_folder(source: str | Path, dest: str | Path) -> None:
         raise failed(f"{source} -> {dest}", e) from e
 
 
-def verified_shard(location: str, sha256: str) -> str:
+def verified_shard(location: str, sha256: str, cache: Path | None = None) -> str:
     """A local file holding the shard at `location`, checked against the manifest's sha256 once per node.
 
     Local shards are read where they are (a marker in the cache remembers the check); remote ones are
     copied once into the node-local cache and memory-mapped from there. The cache key holds the source's
     size and modification time and the manifest's sha256, so a shard that changes (or a new manifest) is
-    checked again, and refused if it no longer matches."""
+    checked again, and refused if it no longer matches. `cache`: another folder than the node's (benches)."""
+    cache = cache or CACHE
     found = info(location)
     if found.type != pafs.FileType.File:
         raise SegNetError(f"shard {location} listed in the manifest is missing")
     fs, path = resolve(location)
     local = isinstance(fs, pafs.LocalFileSystem)
     key = hashlib.sha256(f"{location}|{found.size}|{found.mtime_ns}|{sha256}".encode()).hexdigest()[:32]
-    done = CACHE / (f"{key}.ok" if local else f"{key}.arrow")
+    done = cache / (f"{key}.ok" if local else f"{key}.arrow")
     result = path if local else str(done)
     if done.exists():
         return result
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f"{key}.lock", "w") as lock:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one reader per node checks a shard; the others wait for it
         if done.exists():
             return result
-        tmp = CACHE / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = cache / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
         digest = hashlib.sha256()
         try:
             with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:

@@ -101,6 +101,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"confusion matrix and overlays in {result['out']}")
 
 
+def cmd_bench_storage(args: argparse.Namespace) -> None:
+    from pipelines.bench import bench_storage
+
+    print(json.dumps(bench_storage(args.data, args.split), indent=2))
+
+
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from data_prep.augment import parse_size
     from pipelines.bench import bench_train
@@ -140,12 +146,12 @@ def cmd_registry(args: argparse.Namespace) -> None:
         print(json.dumps(registry.show(uri, args.ref), indent=2, default=str))
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import predict
     from pipelines.tracking import tracking_uri
 
-    written = predict(tracking_uri(args.mlflow_uri), args.model, args.input, args.output, args.overlay)
-    print(f"wrote {len(written)} label PNGs to {args.output}")
+    result = predict(tracking_uri(args.mlflow_uri), args.model, args.input, args.output, args.overlay)
+    return 1 if result["skipped"] else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -309,10 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None)
     p.set_defaults(func=cmd_registry)
 
-    p = sub.add_parser("predict", help="label PNGs (class indices) from a registered model")
+    p = sub.add_parser(
+        "predict", help="label PNGs (class indices) from a registered model, as a Ray Data job"
+    )
     p.add_argument("--model", default="models:/segnet-camvid@champion")
-    p.add_argument("--input", required=True, help="an image or a folder of images")
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", required=True, help="an image, a folder or a bucket prefix of images")
+    p.add_argument("--output", required=True, help="folder or URI; label PNGs mirror the input's layout")
     p.add_argument("--overlay", action="store_true", help="also write colour overlays")
     p.add_argument("--mlflow-uri", default=None)
     p.set_defaults(func=cmd_predict)
@@ -378,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_data)
+    p = bench_sub.add_parser(
+        "storage", help="samples/s from a bucket: streamed vs the node-local verified cache"
+    )
+    p.add_argument("--data", required=True, help="shard folder or URI")
+    p.add_argument("--split", default="train")
+    p.set_defaults(func=cmd_bench_storage)
     p = bench_sub.add_parser("train", help="images/s: plain PyTorch loop vs Ray Train with 1 and 2 workers")
     p.add_argument("--data", required=True, help="shard folder")
     p.add_argument("--model", default="segnet-basic")

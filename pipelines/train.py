@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import ray.train
 import torch
 import torch.nn.functional as F
 
@@ -289,7 +290,6 @@ def load_checkpoint(folder: str | Path, device="cpu"):
 
 
 def train_loop(config: dict) -> None:
-    import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
@@ -385,7 +385,6 @@ def train_loop(config: dict) -> None:
                 }
                 save_checkpoint(Path(tmp), net, optimizer, epoch, meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-                tracking.log_metrics(config["mlflow_uri"], config["run_id"], metrics, step=epoch)
                 if epoch == cfg.epochs - 1:
                     log_final_artifacts(config, cm, history, examples)
             finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
@@ -407,6 +406,17 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 # ---------------------------------------------------------------- the driver
 
 
+class LogMetrics(ray.train.UserCallback):
+    """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
+    that a lost worker had not reported yet, and that is trained again after the restart, is logged once."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        tracking.log_metrics(self.uri, self.run_id, metrics[0], step=metrics[0]["epoch"])
+
+
 def train(
     cfg: TrainConfig,
     resume: str | None = None,
@@ -418,7 +428,6 @@ def train(
     """Check, then fit one TorchTrainer; returns the best checkpoint and its metrics.
 
     A Tune trial calls this too, with the search's MLflow run as parent and Tune's report callback."""
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     root = storage.absolute(cfg.storage_path)
@@ -472,7 +481,7 @@ def train(
             name=name,
             storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=callbacks,
+            callbacks=[LogMetrics(uri, run_id), *(callbacks or [])],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=cfg.metric,

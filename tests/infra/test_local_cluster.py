@@ -62,9 +62,13 @@ def _state(cluster, call: str) -> list:
 
 
 def _tree_status() -> str:
-    """Every changed, new or ignored file of the project's tree (a run must add none)."""
-    git = ["git", "status", "--porcelain", "--ignored"]
-    return subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout
+    """The new (untracked or ignored) files of the project's tree: a run must add none."""
+    git = ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"]
+    lines = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    caches = (".venv/", "__pycache__", ".pytest_cache", ".ruff_cache")  # Python's and the tools' own
+    return "\n".join(
+        line for line in lines if line[:2] in ("??", "!!") and not any(c in line for c in caches)
+    )
 
 
 def _bucket_files(uri: str) -> list[str]:
@@ -108,9 +112,13 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     assert entry["version"] == "1" and "champion" in entry["aliases"]
 
     images = sorted((camvid_dir / "test").iterdir())[:2]
-    segnet("predict", "--model", "models:/segnet-camvid@champion", "--input", images[0],
-           "--output", client / "out", "--mlflow-uri", cluster["mlflow"])  # fmt: skip
-    assert (client / "out" / images[0].name).is_file()
+    for i, image in enumerate(images):  # a bucket prefix of images, one in a sub-prefix
+        storage.write_bytes(f"{bucket}/images/{'sub/' * i}{image.name}", image.read_bytes())
+    out = segnet("predict", "--model", "models:/segnet-camvid@champion", "--input", f"{bucket}/images",
+                 "--output", f"{bucket}/labels", "--overlay", "--mlflow-uri", cluster["mlflow"])  # fmt: skip
+    assert "images/s" in out
+    assert storage.exists(f"{bucket}/labels/{images[0].name}")
+    assert storage.exists(f"{bucket}/labels/sub/{images[1].stem}_overlay.png")
 
     files = _bucket_files(bucket)
     assert "shards/manifest.json" in files
@@ -118,7 +126,7 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     assert any(f.startswith("runs/search/") and "experiment_state" in f for f in files)  # Tune's state
     assert any(f.startswith("mlflow/") and f.endswith("MLmodel") for f in files)  # the registered model
     # nothing written outside the bucket and each node's own directory (the client's temp files aside)
-    assert sorted(p.name for p in client.iterdir()) == ["out", "tmp"]
+    assert sorted(p.name for p in client.iterdir()) == ["tmp"]
     assert not (state / "mlartifacts").exists()
     assert _tree_status() == tree_before
 

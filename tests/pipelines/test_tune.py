@@ -165,14 +165,24 @@ def test_unknown_model_or_alias_lists_what_exists(search, ref, message):
         registry.resolve_version(cfg.mlflow_uri, ref)
 
 
-def test_undecodable_input_image_is_a_clear_error(search, tmp_path):
+def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, tmp_path):
     cfg, _ = search
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not a png")
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
+    good = sorted((camvid_dir / "test").iterdir())[0]
+    (tmp_path / "in" / "sub" / good.name).write_bytes(good.read_bytes())
     r = _segnet(
-        "predict", "--input", str(bad), "--output", str(tmp_path / "o"), "--mlflow-uri", cfg.mlflow_uri
+        "predict",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "o"),
+        "--mlflow-uri",
+        cfg.mlflow_uri,
     )
-    assert r.returncode == 2 and "bad.png cannot be decoded" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "bad.png cannot be decoded" in r.stdout and "skipped 1 unreadable images" in r.stdout
+    assert (tmp_path / "o" / "sub" / good.name).is_file()  # the good one, beside the input's layout
 
 
 def test_unreachable_registry_is_one_line_with_the_uri(tmp_path):
