@@ -239,11 +239,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
 def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(shards, tmp_path):
     """--max-failures reaches the trial's TorchTrainer: a worker killed (SIGKILL, from here) after the first
     checkpoint is replaced, training resumes from that checkpoint, and the search completes."""
+    import ray
     import ray.util.state
 
     cfg = _cfg(shards, tmp_path, name="killed", num_samples=1, epochs=3, scheduler="fifo", max_failures=1,
                image_size="128x160")  # fmt: skip
     killed, errors, done = [], [], threading.Event()
+    address = ray.get_runtime_context().gcs_address  # this session's Ray, not another on the machine
 
     def kill_a_worker_after_the_first_checkpoint():
         while not done.is_set() and not killed:
@@ -252,7 +254,7 @@ def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(sha
                 continue
             try:
                 filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-                actors = ray.util.state.list_actors(filters=filters, detail=True, timeout=10)
+                actors = ray.util.state.list_actors(address=address, filters=filters, detail=True, timeout=10)
             except Exception as e:  # noqa: BLE001 - the state API may be busy: ask again
                 errors.append(repr(e))
                 continue
