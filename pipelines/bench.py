@@ -113,7 +113,12 @@ def bench_loaders(shard_dir, split: str, size, batch_size: int = 12, workers: in
     ds = (
         ray_dataset(shard_dir, split)
         .randomize_block_order()
-        .map_batches(AugmentBatch, fn_constructor_args=(size,), batch_size=batch_size, concurrency=workers)
+        .map_batches(
+            AugmentBatch,
+            fn_constructor_args=(size,),
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+        )
     )
 
     def ray_pass() -> int:

@@ -112,7 +112,7 @@ def predict(
         predictor[0],
         fn_constructor_args=(*predictor[1:], with_overlay),
         batch_size=4,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
     )
     written, skipped = [], []
