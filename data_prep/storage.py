@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from segnet.errors import SegNetError
 
 CACHE = Path(tempfile.gettempdir()) / "segnet-cache"  # node-local: each node's own temp directory
+DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "HTTP status 403")
 SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}  # pyarrow filesystem type -> URI scheme
 
 
@@ -50,7 +51,7 @@ def failed(location: str, e: Exception) -> SegNetError:
     if "NETWORK_CONNECTION" in text or "curlCode" in text:
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "unset")
         reason = f"the endpoint is unreachable (AWS_ENDPOINT_URL={endpoint})"
-    elif any(k in text for k in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+    elif any(k in text for k in DENIED):
         reason = "access denied: check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
     elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
         reason = "the bucket does not exist"
