@@ -47,6 +47,10 @@ start() {
   (cd "$STATE_DIR/worker" && TMPDIR="$STATE_DIR/worker/tmp" "$bin/ray" start --address="127.0.0.1:$RAY_PORT" \
     --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" --temp-dir="$STATE_DIR/worker/ray" \
     $(agent_ports $((AGENT_PORT_BASE + 10))) --disable-usage-stats >"$STATE_DIR/worker.log" 2>&1)
+  for _ in $(seq 120); do  # the dashboard (job server, state API) answers, even if only to refuse
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$DASHBOARD_PORT/api/version") != 000 ]] && break
+    sleep 1
+  done
   # MLflow: sqlite backend, artifacts served (proxied) by the server from ARTIFACTS (a folder or bucket).
   nohup env -C "$STATE_DIR" "$bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$STATE_DIR/mlflow.db" --artifacts-destination "$ARTIFACTS" \
