@@ -36,11 +36,11 @@ def _env(state: str) -> dict:
 def cluster(s3):
     state = tempfile.mkdtemp(prefix="sgc", dir="/tmp")  # short: Ray's socket paths live below it
     env = {**_env(state), "ARTIFACTS": f"{s3['bucket']}/e2e/mlflow"}  # the MLflow server keeps them there
-    started = subprocess.run(
-        [str(SCRIPT), "start"], env=env, check=True, capture_output=True, text=True, timeout=300
-    )
-    exports = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
-    try:
+    try:  # a start that fails half-way is stopped too
+        started = subprocess.run(
+            [str(SCRIPT), "start"], env=env, check=True, capture_output=True, text=True, timeout=300
+        )
+        exports = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
         yield {
             "state": state,
             "dashboard": "http://127.0.0.1:8267",
