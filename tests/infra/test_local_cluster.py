@@ -3,6 +3,7 @@ the nodes share no folder, only the loopback S3 bucket (infra/local-s3.sh, start
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +21,24 @@ SCRIPT = ROOT / "infra" / "local-cluster.sh"
 pytestmark = pytest.mark.slow
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Ports free now, not fixed ones: other Ray instances on the machine take ports near their defaults.
+RAY_PORT, DASHBOARD_PORT, MLFLOW_PORT, AGENT_PORT_BASE = (_free_port() for _ in range(4))
+
+
 def _env(state: str) -> dict:
     env = {
         **os.environ,
         "STATE_DIR": state,
-        "RAY_PORT": "6391",
-        "DASHBOARD_PORT": "8267",
-        "MLFLOW_PORT": "5056",
+        "RAY_PORT": str(RAY_PORT),
+        "DASHBOARD_PORT": str(DASHBOARD_PORT),
+        "MLFLOW_PORT": str(MLFLOW_PORT),
+        "AGENT_PORT_BASE": str(AGENT_PORT_BASE),
     }
     env.pop("RAY_ADDRESS", None)
     return env
@@ -43,8 +55,8 @@ def cluster(s3):
         exports = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
         yield {
             "state": state,
-            "dashboard": "http://127.0.0.1:8267",
-            "mlflow": "http://127.0.0.1:5056",
+            "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}",
+            "mlflow": f"http://127.0.0.1:{MLFLOW_PORT}",
             "env": {**_env(state), **exports},  # what a user exports after `start`
         }
     finally:
@@ -140,4 +152,4 @@ def test_stop_leaves_no_process_behind(cluster):
     subprocess.run([str(SCRIPT), "stop"], env=_env(state), check=True, timeout=120)
     time.sleep(1)
     assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout == b""
-    assert subprocess.run(["pgrep", "-f", "mlflow server.*5056"], capture_output=True).stdout == b""
+    assert subprocess.run(["pgrep", "-f", f"mlflow server.*{MLFLOW_PORT}"], capture_output=True).stdout == b""
