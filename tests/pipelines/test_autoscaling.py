@@ -5,6 +5,7 @@ not used: its start() runs `ray stop --force`, which would end every Ray on this
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,15 @@ import pytest
 from data_prep import prepare
 
 pytestmark = pytest.mark.slow
-PORT, DASHBOARD = 6397, 8297
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT, DASHBOARD = _free_port(), _free_port()  # not fixed: other Ray instances run on the machine
 
 
 def _tree(pid: int) -> list[int]:
