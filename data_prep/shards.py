@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from data_prep import storage
 from data_prep.camvid import SPLITS, VOID, Pair, find_pairs, load_pair
 from segnet import CLASSES
 from segnet.errors import SegNetError
@@ -48,13 +50,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name and rename into place, so a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def source_fingerprint(pairs: dict[str, list[Pair]]) -> str:
     """Cheap identity of the source: every file's path, size and modification time."""
     h = hashlib.sha256()
@@ -68,8 +63,9 @@ def source_fingerprint(pairs: dict[str, list[Pair]]) -> str:
 
 def write_shard(task: dict) -> dict:
     """Decode, validate and write one shard; runs as a Ray Data task. Bad input comes back as `error`
-    (the message names the file) rather than an exception, so the driver can report it in one line."""
-    out = Path(task["out"]) / task["file"]
+    (the message names the file) rather than an exception, so the driver can report it in one line.
+    Written under a temporary name (beside the target, or in the temp directory for a bucket) and moved
+    into place whole."""
     class_counts = np.zeros(NUM_BINS, dtype=np.int64)
     image_counts = np.zeros(NUM_BINS, dtype=np.int64)
     batches = []
@@ -96,14 +92,15 @@ def write_shard(task: dict) -> dict:
             )
     except SegNetError as e:
         return {"file": task["file"], "error": str(e)}
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    folder = tempfile.gettempdir() if storage.is_uri(task["out"]) else task["out"]
+    tmp = Path(folder) / f".{task['file']}.tmp-{uuid.uuid4().hex[:8]}"
     compression = None if task["compression"] == "none" else task["compression"]
     options = ipc.IpcWriteOptions(compression=compression)
     with ipc.new_file(str(tmp), SCHEMA, options=options) as writer:
         for b in batches:
             writer.write_batch(b)
     digest = sha256_file(tmp)
-    os.replace(tmp, out)
+    storage.put_file(tmp, storage.join(task["out"], task["file"]))
     return {
         "split": task["split"],
         "index": task["index"],
@@ -117,11 +114,11 @@ def write_shard(task: dict) -> dict:
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
+    path = storage.join(shard_dir, MANIFEST)
+    if not storage.exists(path):
         raise SegNetError(f"{shard_dir} holds no {MANIFEST}: run `segnet prepare` first")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as e:
         raise SegNetError(f"{path} is not valid JSON ({e})") from e
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -133,20 +130,19 @@ def read_manifest(shard_dir: str | Path) -> dict:
 
 def manifest_id(shard_dir: str | Path) -> str:
     """The data identity recorded with runs and models: the manifest file's sha256."""
-    return sha256_file(Path(shard_dir) / MANIFEST)
+    return hashlib.sha256(storage.read_bytes(storage.join(shard_dir, MANIFEST))).hexdigest()
 
 
-def verify_shards(shard_dir: str | Path, manifest: dict, split: str | None = None) -> None:
-    """Refuse shards that are missing or whose checksum no longer matches the manifest."""
+def verify_shards(shard_dir: str | Path, manifest: dict, split: str | None = None) -> list[str]:
+    """Refuse shards that are missing or whose checksum no longer matches the manifest; returns local files
+    to memory-map (through the node-local cache of verified shards, so each is hashed once per node)."""
+    files = []
     for name in [split] if split else list(manifest["splits"]):
         if name not in manifest["splits"]:
             raise SegNetError(f"{shard_dir}/{MANIFEST} has no split {name!r}")
         for shard in manifest["splits"][name]["shards"]:
-            path = Path(shard_dir) / shard["file"]
-            if not path.is_file():
-                raise SegNetError(f"shard {path} listed in the manifest is missing")
-            if sha256_file(path) != shard["sha256"]:
-                raise SegNetError(f"shard {path} does not match its checksum in the manifest: refusing it")
+            files.append(storage.verified_shard(storage.join(shard_dir, shard["file"]), shard["sha256"]))
+    return files
 
 
 def _valid_existing(out: Path, fingerprint: str, limit: int | None, compression: str) -> bool:
@@ -195,14 +191,16 @@ def prepare(
         raise SegNetError(f"unknown compression {compression!r}; choose one of: {', '.join(COMPRESSIONS)}")
     if shard_size < 1:
         raise SegNetError(f"--shard-size must be at least 1, got {shard_size}")
-    source, out = Path(source).resolve(), Path(out).resolve()
+    source, out = Path(source).resolve(), storage.absolute(out)
     pairs = find_pairs(source, limit)
     fingerprint = source_fingerprint(pairs)
-    out.mkdir(parents=True, exist_ok=True)
     if not force and _valid_existing(out, fingerprint, limit, compression):
         log(f"{out}/{MANIFEST} is up to date with {source}: nothing to do (use --force to rebuild)")
         return read_manifest(out)
-    (out / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest until every shard is good
+    if storage.exists(storage.join(out, MANIFEST)):  # from here on, no manifest until every shard is good
+        storage.delete(storage.join(out, MANIFEST))
+    if not storage.is_uri(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
 
     tasks = []
     for split in SPLITS:
@@ -213,7 +211,7 @@ def prepare(
                     "split": split,
                     "index": i,
                     "file": f"{split}-{i:05d}-of-{len(chunks):05d}.arrow",
-                    "out": str(out),
+                    "out": out,
                     "compression": compression,
                     "pairs": [vars(p) for p in chunk],
                 }
@@ -234,11 +232,11 @@ def prepare(
         raise SegNetError(errors[0] + more)
 
     manifest = build_manifest(source, fingerprint, limit, compression, results)
-    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     keep = {MANIFEST} | {r["file"] for r in results}
-    for stale in out.iterdir():  # shards of an earlier, different build, and leftovers of interrupted ones
-        if stale.name not in keep and (stale.suffix == ".arrow" or ".tmp-" in stale.name):
-            stale.unlink()
+    for stale in storage.list_names(out):  # shards of an earlier build, leftovers of interrupted ones
+        if stale not in keep and (stale.endswith(".arrow") or ".tmp-" in stale):
+            storage.delete(storage.join(out, stale))
     counts = ", ".join(f"{s} {manifest['splits'][s]['num_images']}" for s in SPLITS)
     log(f"wrote {len(results)} shards and {out}/{MANIFEST}: {counts}")
     return manifest
@@ -278,15 +276,19 @@ def build_manifest(
 
 
 class ShardReader:
-    """Random access to one split's samples, by index, from memory-mapped shards (checksums verified)."""
+    """Random access to one split's samples, by index, from memory-mapped shards (checksums verified).
+
+    `verify=False` reads local shards unchecked (the driver checked them on this machine); shards in a
+    bucket always come through the node-local cache of verified copies."""
 
     def __init__(self, shard_dir: str | Path, split: str, verify: bool = True):
         self.manifest = read_manifest(shard_dir)
-        if verify:
-            verify_shards(shard_dir, self.manifest, split)
-        elif split not in self.manifest["splits"]:
+        if split not in self.manifest["splits"]:
             raise SegNetError(f"{shard_dir}/{MANIFEST} has no split {split!r}")
-        self.files = [str(Path(shard_dir) / s["file"]) for s in self.manifest["splits"][split]["shards"]]
+        if verify or storage.is_uri(shard_dir):
+            self.files = verify_shards(shard_dir, self.manifest, split)
+        else:
+            self.files = [str(Path(shard_dir) / s["file"]) for s in self.manifest["splits"][split]["shards"]]
         self.index = [
             (f, i) for f, s in enumerate(self.manifest["splits"][split]["shards"]) for i in range(s["rows"])
         ]
@@ -322,10 +324,8 @@ def ray_dataset(shard_dir: str | Path, split: str):
     """A Ray Data dataset of a split's rows, for training with `iter_torch_batches`; checksums verified."""
     import ray
 
-    manifest = read_manifest(shard_dir)
-    verify_shards(shard_dir, manifest, split)
     tables = []
-    for shard in manifest["splits"][split]["shards"]:
-        with pa.memory_map(str(Path(shard_dir) / shard["file"])) as src:
+    for file in verify_shards(shard_dir, read_manifest(shard_dir), split):
+        with pa.memory_map(file) as src:
             tables.append(ipc.open_file(src).read_all())
     return ray.data.from_arrow(tables)

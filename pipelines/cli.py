@@ -8,6 +8,8 @@ import sys
 
 from segnet.errors import SegNetError
 
+PLACEMENT_HELP = "wait this long for an autoscaler to add nodes (default 0: fail at once)"
+
 
 def default_camvid() -> str:
     return os.environ.get("CAMVID_DIR", "data/CamVid")
@@ -101,6 +103,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"confusion matrix and overlays in {result['out']}")
 
 
+def cmd_bench_storage(args: argparse.Namespace) -> None:
+    from pipelines.bench import bench_storage
+
+    print(json.dumps(bench_storage(args.data, args.split), indent=2))
+
+
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from data_prep.augment import parse_size
     from pipelines.bench import bench_train
@@ -140,12 +148,12 @@ def cmd_registry(args: argparse.Namespace) -> None:
         print(json.dumps(registry.show(uri, args.ref), indent=2, default=str))
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import predict
     from pipelines.tracking import tracking_uri
 
-    written = predict(tracking_uri(args.mlflow_uri), args.model, args.input, args.output, args.overlay)
-    print(f"wrote {len(written)} label PNGs to {args.output}")
+    result = predict(tracking_uri(args.mlflow_uri), args.model, args.input, args.output, args.overlay)
+    return 1 if result["skipped"] else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -189,8 +197,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    from data_prep import storage
     from data_prep.shards import prepare
     from pipelines.experiment import Table1Config, check_table1, run_table1
     from pipelines.run import find_camvid
@@ -198,10 +205,10 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     names = {f.name for f in dataclasses.fields(Table1Config)}
     cfg = Table1Config(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     check_table1(cfg)
-    if not (Path(args.data) / "manifest.json").is_file():  # like `segnet run`: shards made on first use
+    if not storage.exists(storage.join(args.data, "manifest.json")):  # like `segnet run`: made on first use
         prepare(find_camvid(args.source), args.data)
     summary = run_table1(cfg)
-    print((Path(summary["out"]) / "table1.md").read_text())
+    print(storage.read_bytes(storage.join(summary["out"], "table1.md")).decode())
 
 
 def cmd_bench_model(args: argparse.Namespace) -> None:
@@ -302,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, choices=["auto", "loader", "device"],
                    help="augment in DataLoader workers or on the device (auto: device on GPUs)")  # fmt: skip
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
+    p.add_argument("--placement-timeout", type=float, default=None, metavar="SECONDS", help=PLACEMENT_HELP)
     p.add_argument("--keep-checkpoints", type=int, default=3)
     p.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per worker")
     p.add_argument("--storage-path", default="runs", help="checkpoint storage: folder or bucket URI")
@@ -347,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, default=None)
     p.add_argument("--compile", default=None, choices=["auto", "on", "off"], help="as for train")
     p.add_argument("--input", default=None, choices=["auto", "loader", "device"], help="as for train")
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="worker failures a trial recovers from (last checkpoint; default 0)")  # fmt: skip
+    p.add_argument("--placement-timeout", type=float, default=None, metavar="SECONDS", help=PLACEMENT_HELP)
     p.add_argument("--register-as", default=None, help="registered model name (default segnet-camvid)")
     p.add_argument(
         "--force-alias", action="store_true", default=None, help="move champion even if not better"
@@ -369,10 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None)
     p.set_defaults(func=cmd_registry)
 
-    p = sub.add_parser("predict", help="label PNGs (class indices) from a registered model")
+    p = sub.add_parser(
+        "predict", help="label PNGs (class indices) from a registered model, as a Ray Data job"
+    )
     p.add_argument("--model", default="models:/segnet-camvid@champion")
-    p.add_argument("--input", required=True, help="an image or a folder of images")
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", required=True, help="an image, a folder or a bucket prefix of images")
+    p.add_argument("--output", required=True, help="folder or URI; label PNGs mirror the input's layout")
     p.add_argument("--overlay", action="store_true", help="also write colour overlays")
     p.add_argument("--mlflow-uri", default=None)
     p.set_defaults(func=cmd_predict)
@@ -462,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_data)
+    p = bench_sub.add_parser(
+        "storage", help="samples/s from a bucket: streamed vs the node-local verified cache"
+    )
+    p.add_argument("--data", required=True, help="shard folder or URI")
+    p.add_argument("--split", default="train")
+    p.set_defaults(func=cmd_bench_storage)
     p = bench_sub.add_parser("train", help="images/s: plain PyTorch loop vs Ray Train with 1 and 2 workers")
     p.add_argument("--data", required=True, help="shard folder")
     p.add_argument("--model", default="segnet-basic")

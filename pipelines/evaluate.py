@@ -1,11 +1,13 @@
 """`segnet evaluate`: G, C, mIoU, BF and per-class IoU of a checkpoint on a split, with PNGs."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_prep import storage
 from data_prep.shards import manifest_id, read_manifest, verify_shards
 from pipelines import engine
 from pipelines.plots import save_confusion_matrix, save_overlay
@@ -18,7 +20,8 @@ def evaluate(
     checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
     batch_size: int = 4, overlays: int = 4, compile: str = "auto",
 ) -> dict:  # fmt: skip
-    """Score a checkpoint folder on a split at the size it was trained at, full-resolution labels."""
+    """Score a checkpoint (folder or URI) on a split at the size it was trained at, full-resolution labels;
+    the PNGs and metrics.json go to `out` (a folder or URI), default CHECKPOINT/eval-SPLIT."""
     manifest = read_manifest(data)
     verify_shards(data, manifest, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,16 +41,19 @@ def evaluate(
     result["checkpoint"] = str(checkpoint)
     result["data_manifest_sha256"] = manifest_id(data)
     result["trained_on_manifest_sha256"] = meta.get("manifest_sha256")
-    out = Path(out) if out else Path(checkpoint) / f"eval-{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    save_confusion_matrix(
-        cm.numpy(), out / f"confusion_matrix_{split}.png", f"{meta['config']['model']}, {split}"
-    )
-    np.savetxt(out / f"confusion_matrix_{split}.csv", cm.numpy(), fmt="%d", delimiter=",")
-    for i, (x, pred, y) in enumerate(examples):
-        save_overlay(display_image(x, y.shape), pred.numpy(), y.numpy(), out / f"overlay_{split}_{i}.png")
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    result["out"] = str(out)
+    out = storage.absolute(out or storage.join(checkpoint, f"eval-{split}"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_confusion_matrix(
+            cm.numpy(), folder / f"confusion_matrix_{split}.png", f"{meta['config']['model']}, {split}"
+        )
+        np.savetxt(folder / f"confusion_matrix_{split}.csv", cm.numpy(), fmt="%d", delimiter=",")
+        for i, (x, pred, y) in enumerate(examples):
+            picture = display_image(x, y.shape)
+            save_overlay(picture, pred.numpy(), y.numpy(), folder / f"overlay_{split}_{i}.png")
+        (folder / "metrics.json").write_text(json.dumps(result, indent=2))
+        storage.copy_folder(folder, out)
+    result["out"] = out
     return result
 
 

@@ -3,10 +3,12 @@ reported next to the paper's figures, with the paper's three conclusions checked
 
 import csv
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from data_prep import storage
 from data_prep.augment import parse_size
 from data_prep.shards import init_ray, manifest_id, read_manifest
 from pipelines import tracking
@@ -108,15 +110,14 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
     search = search_config(cfg)
     for v in variants:  # every mistake before Ray starts: the data, the image size for each variant
         check_config(trial_config(search, LR, modes[0], "check", v))
-    storage = Path(cfg.storage_path).resolve()
     uri = tracking.tracking_uri(cfg.mlflow_uri)
-    search.mlflow_uri, search.data, search.storage_path = uri, str(Path(cfg.data).resolve()), str(storage)
+    search.mlflow_uri, search.data = uri, storage.absolute(cfg.data)
+    search.storage_path = storage.absolute(cfg.storage_path)
     name = cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     profile = PROFILES[cfg.profile]
     init_ray(cfg.address)
     check_resources(trial_config(search, LR, modes[0], "check"))  # e.g. the paper profile without GPUs
-    manifest_path = Path(search.data) / "manifest.json"
-    parent = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, manifest_id(search.data))
+    parent = tracking.start_run(uri, cfg.experiment, name, cfg, search.data, manifest_id(search.data))
     tracking.set_tags(uri, parent, {"profile": cfg.profile, "recipe": json.dumps(asdict(search))})
     log(f"Table 1, profile {cfg.profile}: {len(variants)} variants x {len(modes)} balancing modes at "
         f"{search.image_size}, {search.epochs} epochs; MLflow experiment {cfg.experiment!r}")  # fmt: skip
@@ -137,6 +138,7 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
 
     infer_size = parse_size(profile["infer_size"])
     infer = {v: inference_ms(v, infer_size, 1 if cfg.profile == "smoke" else 5) for v in variants}
+    filesystem = storage.resolve(search.storage_path)[0]  # trials report checkpoint paths without a scheme
     rows = []
     for r in results:
         model, mode = r.config["model"], r.config["class_weighting"]
@@ -145,17 +147,16 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
             tracking.end_run(uri, parent, "FAILED")
             raise SegNetError(f"trial {model} / {mode} failed: {str(r.error).splitlines()[0]}")
         best = df.loc[df[search.metric].idxmax()]
-        test = evaluate(
-            best["checkpoint_path"], search.data, "test", Path(best["checkpoint_path"]) / "eval-test"
-        )
-        run_id = json.loads((Path(best["checkpoint_path"]) / "meta.json").read_text())["mlflow_run_id"]
+        checkpoint = storage.uri(filesystem, best["checkpoint_path"])
+        test = evaluate(checkpoint, search.data, "test")
+        run_id = json.loads(storage.read_bytes(storage.join(checkpoint, "meta.json")))["mlflow_run_id"]
         tracking.log_metrics(uri, run_id, {f"test_{k}": test[k] for k in ("global_accuracy", "class_accuracy",
                                                                          "miou", "bf")}, step=0)  # fmt: skip
         rows.append({
             "variant": model, "balancing": mode, "epochs": int(df["epoch"].max()) + 1,
             "best_epoch": int(best["epoch"]) + 1, "val_G": 100 * float(best[search.metric]),
             "G": 100 * test["global_accuracy"], "C": 100 * test["class_accuracy"], "mIoU": 100 * test["miou"],
-            "BF": 100 * test["bf"], "mlflow_run_id": run_id, "checkpoint": best["checkpoint_path"],
+            "BF": 100 * test["bf"], "mlflow_run_id": run_id, "checkpoint": checkpoint,
         })  # fmt: skip
     info = {
         "profile": cfg.profile, "image_size": search.image_size, "epochs": search.epochs,
@@ -163,11 +164,15 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
         "workers_per_trial": cfg.workers_per_trial,
         "test_images": read_manifest(search.data)["splits"]["test"]["num_images"],
     }  # fmt: skip
-    out = write_report(rows, variants, modes, infer, info, Path(cfg.out))
-    tracking.log_artifacts(uri, parent, out, "table1")
+    out = storage.absolute(cfg.out)
+    with tempfile.TemporaryDirectory() as tmp:  # a bucket gets a copy of the report written here
+        report = write_report(rows, variants, modes, infer, info, Path(tmp if storage.is_uri(out) else out))
+        tracking.log_artifacts(uri, parent, report, "table1")
+        if storage.is_uri(out):
+            storage.copy_folder(report, out)
     tracking.end_run(uri, parent)
-    log(f"Table 1 report: {out / 'table1.md'} ({info['minutes']:.1f} minutes)")
-    return {"rows": rows, "out": str(out), "minutes": info["minutes"], "parent_run_id": parent}
+    log(f"Table 1 report: {out}/table1.md ({info['minutes']:.1f} minutes)")
+    return {"rows": rows, "out": out, "minutes": info["minutes"], "parent_run_id": parent}
 
 
 # ---------------------------------------------------------------- the report

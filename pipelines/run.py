@@ -48,7 +48,9 @@ def run(profile: str = "small", source: str | None = None, out: str = "shards", 
     entry = registry.show(uri, f"{register_as}@champion")
     print("registry entry:\n" + json.dumps(entry, indent=2, default=str))
     image = sorted((camvid / "test").glob("*.png"))[0]
-    written = predict(uri, f"models:/{register_as}@champion", image, "run-output", with_overlay=True)
+    written = predict(uri, f"models:/{register_as}@champion", image, "run-output", with_overlay=True)[
+        "written"
+    ]
     overlay = Path("run-output") / f"{image.stem}_overlay.png"
     print(f"prediction: {written[0]} (class indices), overlay: {overlay}")
     minutes = (time.perf_counter() - t0) / 60

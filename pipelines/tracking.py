@@ -32,14 +32,16 @@ def client(uri: str) -> MlflowClient:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """Get or create the experiment; a local store keeps artifacts in ./mlartifacts."""
+    """Get or create the experiment; a local store keeps artifacts in mlartifacts beside its database."""
     c = client(uri)
     try:
         exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         location = None
-        if uri.startswith("sqlite:") or uri.startswith("file:"):
+        if uri.startswith("sqlite:///"):  # beside the database file, not wherever the command runs
+            location = (Path(uri[len("sqlite:///") :]).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+        elif uri.startswith("file:"):
             location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
         return c.create_experiment(name, artifact_location=location)
     except Exception as e:  # noqa: BLE001 - an unreachable store raises many types
@@ -65,11 +67,12 @@ def start_run(
     experiment: str,
     run_name: str,
     config,
-    manifest_path: Path,
+    data: str,
     manifest_sha: str,
     parent: str | None = None,
 ) -> str:
-    """Create the run with its params, tags and input dataset; returns the run id for the workers.
+    """Create the run with its params, tags and input dataset (the shard folder or URI `data`); returns the
+    run id for the workers.
     A `parent` run id nests it (a Tune trial under its search)."""
     c = client(uri)
     tags = {"mlflow.parentRunId": parent} if parent else None
@@ -79,14 +82,14 @@ def start_run(
     for i in range(0, len(params), 90):
         chunk = dict(list(params.items())[i : i + 90])
         c.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in chunk.items()])
-    tags = {"data.manifest": str(manifest_path), "data.manifest_sha256": manifest_sha}
+    tags = {"data.manifest": f"{data}/manifest.json", "data.manifest_sha256": manifest_sha}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     for k, v in tags.items():
         c.set_tag(rid, k, v)
-    data = dataset(manifest_path.parent, manifest_sha)
-    c.log_inputs(rid, datasets=[mlflow.entities.DatasetInput(data._to_mlflow_entity(), [])])
+    inputs = dataset(data, manifest_sha)
+    c.log_inputs(rid, datasets=[mlflow.entities.DatasetInput(inputs._to_mlflow_entity(), [])])
     print(f"MLflow run {rid}: {ui_address(uri, f'#/experiments/{run.info.experiment_id}/runs/{rid}')}")
     return rid
 

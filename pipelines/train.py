@@ -4,6 +4,7 @@ One `train_loop(config)` runs on every worker, as in Ray's own examples; `train(
 configuration before any worker starts, builds one TorchTrainer and fits it.
 """
 
+import io
 import json
 import math
 import tempfile
@@ -12,9 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import ray.train
 import torch
 import torch.nn.functional as F
 
+from data_prep import storage
 from data_prep.augment import (
     AugmentConfig,
     ShardDataset,
@@ -64,6 +67,7 @@ class TrainConfig:
     # auto = device on GPU workers, loader on CPU workers
     metric: str = "val_miou"
     max_failures: int = 0
+    placement_timeout: float = 0  # seconds to wait for an autoscaler to add nodes; 0: fail at once
     keep_checkpoints: int = 3
     loader_workers: int = 1
     storage_path: str = "runs"
@@ -126,21 +130,43 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
 
 
 def check_resources(cfg: TrainConfig) -> None:
-    """More workers than the cluster can place would wait forever: say so instead."""
+    """More workers than the cluster can place would wait forever: say so at once; or, with
+    --placement-timeout, ask the autoscaler for them (a cluster like infra/cluster.yaml, whose GPU nodes start
+    at min_workers: 0) and wait that long for nodes to join."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
-    have = ray.cluster_resources()
     need_cpu = cfg.workers * cfg.cpus_per_worker
     need_gpu = cfg.workers * cfg.gpus_per_worker
-    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
-        raise SegNetError(
+
+    def shortfall() -> str:
+        have = ray.cluster_resources()
+        if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
+            return ""
+        return (
             f"{cfg.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
         )
 
+    short = shortfall()
+    if not short:
+        return
+    if cfg.placement_timeout <= 0:
+        raise SegNetError(f"{short} (on an autoscaling cluster, --placement-timeout SECONDS waits for nodes)")
+    bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+    request_resources(bundles=[bundle] * cfg.workers)
+    print(f"waiting up to {cfg.placement_timeout:g} s for the autoscaler to add nodes: {short}", flush=True)
+    deadline = time.monotonic() + cfg.placement_timeout
+    while short := shortfall():
+        if time.monotonic() > deadline:
+            raise SegNetError(f"no room after --placement-timeout {cfg.placement_timeout:g} s: {short}")
+        time.sleep(2)
+    print("the cluster has room now", flush=True)
 
-def find_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in run_dir.glob("*/model.pt"))
+
+def find_checkpoints(run_dir: str) -> list[str]:
+    folders = storage.list_names(run_dir, folders=True)
+    return [d for d in folders if storage.exists(storage.join(d, "model.pt"))]
 
 
 # ---------------------------------------------------------------- shared by train, evaluate and bench
@@ -180,18 +206,18 @@ def save_checkpoint(folder: Path, model, optimizer, epoch: int, meta: dict) -> N
 
 
 def load_checkpoint(folder: str | Path, device="cpu"):
-    """(model, meta) from a checkpoint folder; never unpickles code."""
-    folder = Path(folder)
-    if not (folder / "model.pt").is_file() or not (folder / "meta.json").is_file():
+    """(model, meta) from a checkpoint folder or URI, read through storage; never unpickles code."""
+    weights, meta_file = storage.join(folder, "model.pt"), storage.join(folder, "meta.json")
+    if not storage.exists(weights) or not storage.exists(meta_file):
         raise SegNetError(f"{folder} is not a checkpoint: expected model.pt and meta.json in it")
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads(storage.read_bytes(meta_file))
     cfg = meta["config"]
     model = build_model(cfg["model"], num_classes=meta["num_classes"], **model_options(cfg, weights=False))
     try:
-        state = torch.load(folder / "model.pt", map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location=device, weights_only=True)
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file gets one clear message
-        raise SegNetError(f"{folder / 'model.pt'} could not be loaded as {cfg['model']} weights: {e}") from e
+        raise SegNetError(f"{weights} could not be loaded as {cfg['model']} weights: {e}") from e
     return model.to(device), meta
 
 
@@ -217,7 +243,6 @@ def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.d
 
 
 def train_loop(config: dict) -> None:
-    import ray.train
     import ray.train.torch
 
     cfg = TrainConfig(**config["train"])
@@ -298,7 +323,6 @@ def train_loop(config: dict) -> None:
                 }
                 save_checkpoint(Path(tmp), net, optimizer, epoch, meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-                tracking.log_metrics(config["mlflow_uri"], config["run_id"], metrics, step=epoch)
                 if epoch == cfg.epochs - 1:
                     log_final_artifacts(config, cm, history, examples)
             finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
@@ -320,6 +344,17 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 # ---------------------------------------------------------------- the driver
 
 
+class LogMetrics(ray.train.UserCallback):
+    """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
+    that a lost worker had not reported yet, and that is trained again after the restart, is logged once."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        tracking.log_metrics(self.uri, self.run_id, metrics[0], step=metrics[0]["epoch"])
+
+
 def train(
     cfg: TrainConfig,
     resume: str | None = None,
@@ -330,23 +365,23 @@ def train(
     """Check, then fit one TorchTrainer; returns the best checkpoint and its metrics.
 
     A Tune trial calls this too, with the search's MLflow run as parent and Tune's report callback."""
-    import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage = Path(cfg.storage_path).resolve()
+    root = storage.absolute(cfg.storage_path)
     run_id = None
-    if resume:  # a run name under --storage-path, or the run's folder
-        run_dir = Path(resume) if Path(resume).is_dir() else storage / resume
+    if resume:  # a run name under --storage-path, or the run's folder or URI
+        run_dir = storage.absolute(resume) if storage.is_uri(resume) or Path(resume).is_dir() else None
+        run_dir = run_dir or storage.join(root, resume)
         if not find_checkpoints(run_dir):
             raise SegNetError(f"--resume {resume}: {run_dir} holds no checkpoint to resume from")
-        saved = json.loads((run_dir / RUN_FILE).read_text())
+        saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
         epochs = cfg.epochs
         cfg = TrainConfig(**saved["config"])
         cfg.epochs = max(epochs, cfg.epochs)
-        storage, cfg.name, run_id = run_dir.parent, run_dir.name, saved["mlflow_run_id"]
+        (root, cfg.name), run_id = run_dir.rsplit("/", 1), saved["mlflow_run_id"]
     manifest = check_config(cfg, num_classes)
-    # Workers run in other directories (and, on a cluster, other machines): give them absolute paths.
-    cfg.data = str(Path(cfg.data).resolve())
+    # Workers run in other directories (and, on a cluster, other machines): give them absolute locations.
+    cfg.data, cfg.storage_path = storage.absolute(cfg.data), root
     if cfg.vgg16_weights:
         cfg.vgg16_weights = str(Path(cfg.vgg16_weights).resolve())
     size = image_size(cfg, cfg.data)
@@ -356,14 +391,11 @@ def train(
     check_resources(cfg)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri)
-    manifest_path = Path(cfg.data).resolve() / "manifest.json"
     sha = manifest_id(cfg.data)
     if run_id is None:
-        run_id = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, sha, parent_run_id)
-    (storage / name).mkdir(parents=True, exist_ok=True)
-    (storage / name / RUN_FILE).write_text(
-        json.dumps({"config": asdict(cfg), "mlflow_run_id": run_id}, indent=2)
-    )
+        run_id = tracking.start_run(uri, cfg.experiment, name, cfg, cfg.data, sha, parent_run_id)
+    run_file = json.dumps({"config": asdict(cfg), "mlflow_run_id": run_id}, indent=2)
+    storage.write_bytes(storage.join(root, name, RUN_FILE), run_file.encode())
 
     trainer = TorchTrainer(
         train_loop,
@@ -383,9 +415,9 @@ def train(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=callbacks,
+            callbacks=[LogMetrics(uri, run_id), *(callbacks or [])],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=cfg.metric,
@@ -401,18 +433,20 @@ def train(
         tracking.end_run(uri, run_id, "FAILED")
         raise SegNetError(f"training run {name} failed: {e}") from e
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, -1))
+    best_uri = storage.uri(best_ckpt.filesystem, best_ckpt.path)
+    last_meta = storage.join(storage.uri(result.checkpoint.filesystem, result.checkpoint.path), "meta.json")
     best = {
         "run": name,
-        "run_dir": str(storage / name),
+        "run_dir": storage.join(root, name),
         "mlflow_run_id": run_id,
-        "best_checkpoint": best_ckpt.path,
+        "best_checkpoint": best_uri,
         "best_epoch": best_metrics["epoch"],
         "metric": cfg.metric,
         "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_") and "iou_" not in k},
         "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k},
-        "history": json.loads((Path(result.checkpoint.path) / "meta.json").read_text())["history"],
+        "history": json.loads(storage.read_bytes(last_meta))["history"],
     }
-    tracking.set_tags(uri, run_id, {"best_checkpoint": best_ckpt.path, "best_epoch": best_metrics["epoch"]})
+    tracking.set_tags(uri, run_id, {"best_checkpoint": best_uri, "best_epoch": best_metrics["epoch"]})
     tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)
     tracking.end_run(uri, run_id)
     return best

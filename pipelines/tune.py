@@ -6,16 +6,20 @@ its own TorchTrainer and forwards the reports to Tune with TuneReportCallback (R
 """
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from data_prep import storage
 from data_prep.shards import init_ray, manifest_id
 from pipelines import registry, tracking
 from pipelines.evaluate import evaluate
 from pipelines.train import METRICS, TrainConfig, check_config, train
 from segnet.errors import SegNetError
 from segnet.losses import WEIGHTING_MODES
+
+SEARCH_FILE = "segnet_search.json"
 
 
 @dataclass
@@ -40,6 +44,8 @@ class TuneConfig:
     loader_workers: int = 1
     compile: str = "auto"  # torch.compile: on GPU workers only (TrainConfig.compile)
     input: str = "auto"  # augmentation on the device for GPU workers (TrainConfig.input)
+    max_failures: int = 0  # worker failures each trial's TorchTrainer recovers from (from its checkpoint)
+    placement_timeout: float = 0  # seconds each trial waits for an autoscaler to add nodes
     register_as: str = "segnet-camvid"
     force_alias: bool = False
     storage_path: str = "runs"
@@ -124,28 +130,28 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    storage = Path(cfg.storage_path).resolve()
-    if resume:
-        path = Path(resume) if Path(resume).is_dir() else storage / resume
-        if not tune.Tuner.can_restore(str(path)):
+    root = storage.absolute(cfg.storage_path)
+    if resume:  # a search name under --storage-path, or the search's folder or URI
+        path = storage.absolute(resume) if storage.is_uri(resume) or Path(resume).is_dir() else None
+        path = path or storage.join(root, resume)
+        if not storage.exists(storage.join(path, SEARCH_FILE)) or not tune.Tuner.can_restore(path):
             raise SegNetError(f"--resume {resume}: {path} holds no Ray Tune experiment to restore")
-        saved = json.loads((path / "segnet_search.json").read_text())
+        saved = json.loads(storage.read_bytes(storage.join(path, SEARCH_FILE)))
         cfg = TuneConfig(**saved["config"])
         parent = saved["parent_run_id"]
         uri = tracking.tracking_uri(cfg.mlflow_uri)
         init_ray(cfg.address)
-        log(f"resuming search {path.name}: finished trials are kept, unfinished ones continue")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable(), resume_errored=True)
-        name = path.name
+        root, name = path.rsplit("/", 1)
+        log(f"resuming search {name}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(path, trainable=trainable(), resume_errored=True)
     else:
         check_search(cfg)
         uri = tracking.tracking_uri(cfg.mlflow_uri)
         # Trials run in other processes (and, on a cluster, other machines): give them absolute paths.
-        cfg.mlflow_uri, cfg.data, cfg.storage_path = uri, str(Path(cfg.data).resolve()), str(storage)
+        cfg.mlflow_uri, cfg.data, cfg.storage_path = uri, storage.absolute(cfg.data), root
         name = cfg.name or f"search-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         init_ray(cfg.address)
-        manifest_path = Path(cfg.data).resolve() / "manifest.json"
-        parent = tracking.start_run(uri, cfg.experiment, name, cfg, manifest_path, manifest_id(cfg.data))
+        parent = tracking.start_run(uri, cfg.experiment, name, cfg, cfg.data, manifest_id(cfg.data))
         modes = weighting_modes(cfg.class_weighting)
         scheduler = (
             ASHAScheduler(max_t=cfg.epochs, grace_period=cfg.grace_period)
@@ -162,20 +168,19 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
             "parent_run_id": parent,
         }
         tuner = make_tuner(cfg, name, param_space, cfg.num_samples, scheduler)
-        (storage / name).mkdir(parents=True, exist_ok=True)
-        (storage / name / "segnet_search.json").write_text(
-            json.dumps({"config": asdict(cfg), "parent_run_id": parent}, indent=2)
-        )
+        saved = json.dumps({"config": asdict(cfg), "parent_run_id": parent}, indent=2)
+        storage.write_bytes(storage.join(root, name, SEARCH_FILE), saved.encode())
     results = tuner.fit()
     if results.num_terminated + results.num_errors < cfg.num_samples:  # stopped by Ctrl-C or a signal
         raise SegNetError(
             f"search {name} was interrupted ({results.num_terminated} of {cfg.num_samples} trials finished); "
-            f"nothing registered. Continue it with: segnet tune --resume {name} --storage-path {storage}"
+            f"nothing registered. Continue it with: segnet tune --resume {name} --storage-path {root}"
         )
-    return finish_search(cfg, results, uri, parent, storage / name, log)
+    return finish_search(cfg, results, uri, parent, storage.join(root, name), log)
 
 
-def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: Path, log=print) -> dict:
+def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: str, log=print) -> dict:
+    filesystem = storage.resolve(cfg.storage_path)[0]  # trials report checkpoint paths without a scheme
     rows = []
     for r in results:
         if r.metrics_dataframe is None or cfg.metric not in r.metrics_dataframe:
@@ -188,11 +193,11 @@ def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: Path, l
             "class_weighting": r.config["class_weighting"],
             "epochs": int(df["epoch"].max()) + 1,
             cfg.metric: float(best[cfg.metric]),
-            "checkpoint": best.get("checkpoint_path"),
+            "checkpoint": storage.uri(filesystem, best.get("checkpoint_path")),
             "error": str(r.error).splitlines()[0] if r.error else "",
         })  # fmt: skip
     if not rows:
-        raise SegNetError(f"no trial of search {path.name} reported {cfg.metric}")
+        raise SegNetError(f"no trial of search {path} reported {cfg.metric}")
     rows.sort(key=lambda r: r[cfg.metric], reverse=True)
     log(f"\n{'trial':<14} {'lr':>10} {'class weighting':<18} {'epochs':>6} {cfg.metric:>10}")
     for r in rows:
@@ -200,18 +205,20 @@ def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: Path, l
         log(f"{r['trial']:<14} {r['lr']:>10.5f} {r['class_weighting']:<18} {r['epochs']:>6} {score:>10.4f}")
     best = rows[0]
     log(f"\nbest: lr {best['lr']:.5f}, {best['class_weighting']}: {cfg.metric} {best[cfg.metric]:.4f}")
-    test = evaluate(best["checkpoint"], cfg.data, "test", Path(best["checkpoint"]) / "eval-test")
+    test = evaluate(best["checkpoint"], cfg.data, "test")
     metrics = {k: test[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}
     log("test: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    meta = json.loads((Path(best["checkpoint"]) / "meta.json").read_text())
+    meta = json.loads(storage.read_bytes(storage.join(best["checkpoint"], "meta.json")))
     tracking.log_metrics(uri, parent, {f"best_test_{k}": v for k, v in metrics.items()}, step=0)
     tracking.set_tags(uri, parent, {"best_trial": best["trial"], "best_lr": best["lr"],
                                     "best_class_weighting": best["class_weighting"],
                                     "best_checkpoint": best["checkpoint"]})  # fmt: skip
-    tracking.log_artifacts(uri, meta["mlflow_run_id"], Path(best["checkpoint"]) / "eval-test", "eval-test")
-    reg = registry.register(
-        uri, cfg.register_as, best["checkpoint"], metrics, meta["manifest_sha256"], meta["mlflow_run_id"],
-        cfg.force_alias, log,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:  # the registry logs from a local copy of the checkpoint
+        storage.copy_folder(best["checkpoint"], tmp)
+        tracking.log_artifacts(uri, meta["mlflow_run_id"], Path(tmp) / "eval-test", "eval-test")
+        reg = registry.register(
+            uri, cfg.register_as, tmp, metrics, meta["manifest_sha256"], meta["mlflow_run_id"],
+            cfg.force_alias, log,
+        )  # fmt: skip
     tracking.end_run(uri, parent)
     return {"search": str(path), "trials": rows, "best": best, "test": metrics, "registered": reg}

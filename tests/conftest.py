@@ -1,12 +1,17 @@
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +23,41 @@ def camvid_dir() -> Path:
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the in-process tests of a session (started here, shut down at the end)."""
+def s3():
+    """The loopback S3 server (infra/local-s3.sh), started once per session; its standard AWS_* variables
+    are exported to this process, so Ray workers started afterwards inherit them. Stopped at the end."""
+    state = tempfile.mkdtemp(prefix="segnet-s3-")
+    env = {**os.environ, "S3_STATE_DIR": state, "S3_PORT": str(free_port()), "BUCKET": "segnet-test"}
+    script = str(ROOT / "infra" / "local-s3.sh")
+    started = subprocess.run(
+        [script, "start"], env=env, check=True, capture_output=True, text=True, timeout=60
+    )
+    exports = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
+    saved = {k: os.environ.get(k) for k in exports}
+    os.environ.update(exports)
+    try:
+        yield {"bucket": f"s3://{exports['BUCKET']}", "env": exports, "state": state}
+    finally:
+        subprocess.run([script, "stop"], env=env, timeout=60)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """One local Ray for the in-process tests of a session (started here, shut down at the end); started
+    after the S3 server so that its workers reach the bucket."""
     import ray
 
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)

@@ -68,3 +68,11 @@ def test_servers_bind_loopback_by_default():
     local = (INFRA / "local-cluster.sh").read_text()
     assert "--dashboard-host=127.0.0.1" in local and "--host 127.0.0.1" in local
     assert "HOST=${HOST:-127.0.0.1}" in (INFRA / "mlflow-server.sh").read_text()
+
+
+def test_cluster_files_share_a_bucket_not_a_volume():
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "cluster.yaml"):
+        text = (INFRA / name).read_text()
+        assert "s3://" in text and "persistentVolumeClaim" not in text, name
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):  # credentials from a Secret, as env vars
+        assert "secretRef: {name: segnet-s3}" in (INFRA / name).read_text()

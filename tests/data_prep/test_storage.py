@@ -1,0 +1,97 @@
+"""Shards, manifests and errors through a real loopback S3 server (infra/local-s3.sh, moto's server)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from data_prep import iter_samples, prepare, read_manifest, storage
+from data_prep.shards import ShardReader, verify_shards
+from segnet import SegNetError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh node-local cache, as on a node that has seen no shard yet."""
+    monkeypatch.setattr(storage, "CACHE", tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def bucket_shards(s3, ray_local, camvid_dir):
+    uri = f"{s3['bucket']}/storage-test/shards"
+    prepare(camvid_dir, uri, shard_size=1, limit=2)
+    return uri
+
+
+def test_prepare_writes_shards_and_manifest_into_the_bucket(bucket_shards):
+    names = storage.list_names(bucket_shards)
+    manifest = read_manifest(bucket_shards)
+    shards = {sh["file"] for split in manifest["splits"].values() for sh in split["shards"]}
+    assert set(names) == shards | {"manifest.json"}  # nothing else: no temporary names left behind
+    assert [s["name"] for s in iter_samples(bucket_shards, "val")]
+
+
+def test_each_shard_is_hashed_once_per_node_and_manifest(bucket_shards, cache):
+    first = ShardReader(bucket_shards, "train").files
+    assert all(f.startswith(str(cache)) for f in first)
+    stamps = {f: os.stat(f).st_mtime_ns for f in first}
+    again = verify_shards(bucket_shards, read_manifest(bucket_shards), "train")
+    again += ShardReader(bucket_shards, "train", verify=False).files
+    assert sorted(set(again)) == sorted(first)
+    assert {f: os.stat(f).st_mtime_ns for f in first} == stamps  # served from the cache, not fetched again
+
+
+def test_a_shard_changed_in_the_bucket_is_refused(s3, small_camvid, ray_local, cache):
+    uri = f"{s3['bucket']}/storage-test/tampered"
+    prepare(small_camvid, uri, shard_size=2)
+    assert len(list(iter_samples(uri, "val"))) == 2  # verified and cached
+    shard = storage.join(uri, read_manifest(uri)["splits"]["val"]["shards"][0]["file"])
+    data = bytearray(storage.read_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    time.sleep(1.1)  # object stores keep modification times to the second
+    storage.write_bytes(shard, bytes(data))
+    with pytest.raises(SegNetError, match="does not match its checksum"):
+        list(iter_samples(uri, "val"))
+
+
+def _cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)  # fmt: skip
+
+
+def _one_line_naming(r, uri: str) -> str:
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and uri in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return lines[0]
+
+
+def test_a_missing_bucket_is_one_line_naming_the_uri(s3, tmp_path):
+    uri = "s3://no-such-bucket-here/shards"
+    line = _one_line_naming(_cli("evaluate", "--checkpoint", f"{uri}/ckpt", "--data", uri), uri)
+    assert "does not exist" in line
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_the_uri(s3, tmp_path):
+    uri = f"{s3['bucket']}/shards"
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    r = _cli("train", "--data", uri, "--storage-path", f"{s3['bucket']}/runs",
+             env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}"})  # fmt: skip
+    assert "unreachable" in _one_line_naming(r, uri)
+
+
+def test_local_paths_and_file_uris_name_the_same_files(tmp_path):
+    storage.write_bytes(tmp_path / "a" / "x.json", b"{}")
+    assert storage.read_bytes(f"file://{tmp_path}/a/x.json") == b"{}"
+    assert storage.list_names(tmp_path / "a") == ["x.json"]  # written under a temporary name, renamed
+    fs, path = storage.resolve("s3://bucket/key")
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/key"
