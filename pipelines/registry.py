@@ -49,8 +49,10 @@ def register(
     run_id: str,
     force_alias: bool = False,
     log=print,
+    source: str | None = None,
 ) -> dict:
-    """Log the checkpoint as a pyfunc under `run_id` with its test metrics on the LoggedModel (linked to
+    """Log the checkpoint (a local folder; `source` names where it lives, e.g. its bucket URI) as a pyfunc
+    under `run_id` with its test metrics on the LoggedModel (linked to
     the data), register a new version with its data identity and training config, and move `champion`
     only when its test mIoU beats the champion's."""
     checkpoint = Path(checkpoint)
@@ -98,7 +100,7 @@ def register(
     tags = {
         "data_manifest_sha256": manifest_sha256,
         "training_config": json.dumps(meta["config"]),
-        "checkpoint": str(checkpoint),
+        "checkpoint": source or str(checkpoint),
         "model": meta["config"]["model"],
     }
     for key, value in tags.items():

@@ -218,7 +218,7 @@ def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: str, lo
         tracking.log_artifacts(uri, meta["mlflow_run_id"], Path(tmp) / "eval-test", "eval-test")
         reg = registry.register(
             uri, cfg.register_as, tmp, metrics, meta["manifest_sha256"], meta["mlflow_run_id"],
-            cfg.force_alias, log,
+            cfg.force_alias, log, source=best["checkpoint"],
         )  # fmt: skip
     tracking.end_run(uri, parent)
     return {"search": str(path), "trials": rows, "best": best, "test": metrics, "registered": reg}
