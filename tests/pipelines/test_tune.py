@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -236,38 +235,17 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     assert registry.show(uri, "segnet-camvid@champion")["version"] == "1"
 
 
-def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(shards, tmp_path):
+def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(
+    shards, tmp_path, train_worker_killer
+):
     """--max-failures reaches the trial's TorchTrainer: a worker killed (SIGKILL, from here) after the first
     checkpoint is replaced, training resumes from that checkpoint, and the search completes."""
-    import ray
-    import ray.util.state
-
     cfg = _cfg(shards, tmp_path, name="killed", num_samples=1, epochs=3, scheduler="fifo", max_failures=1,
                image_size="128x160")  # fmt: skip
-    killed, errors, done = [], [], threading.Event()
-    address = ray.get_runtime_context().gcs_address  # this session's Ray, not another on the machine
-
-    def kill_a_worker_after_the_first_checkpoint():
-        while not done.is_set() and not killed:
-            time.sleep(0.2)
-            if not list((tmp_path / "runs").glob("killed-*/checkpoint_*/model.pt")):
-                continue
-            try:
-                filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-                actors = ray.util.state.list_actors(address=address, filters=filters, detail=True, timeout=10)
-            except Exception as e:  # noqa: BLE001 - the state API may be busy: ask again
-                errors.append(repr(e))
-                continue
-            for actor in actors[:1]:
-                os.kill(actor.pid, signal.SIGKILL)
-                killed.append(actor.pid)
-
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    summary = tune_search(cfg)
-    done.set()
-    killer.join()
-    assert killed, f"no worker was killed: {errors[-3:]}"
+    first_checkpoint = lambda: any((tmp_path / "runs").glob("killed-*/checkpoint_*/model.pt"))  # noqa: E731
+    with train_worker_killer(first_checkpoint) as killed:
+        summary = tune_search(cfg)
+    assert killed, "no worker was killed"
     assert summary["trials"][0]["epochs"] == 3 and not summary["trials"][0]["error"]
     (results,) = (tmp_path / "runs" / "killed").glob("*/result.json")  # the trial's history in Tune
     assert [json.loads(line)["epoch"] for line in results.read_text().splitlines()] == [0, 1, 2]
