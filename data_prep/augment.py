@@ -131,3 +131,10 @@ def make_loader(
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
     )
+
+
+def eval_loader(shard_dir: str, split: str, size, batch_size: int, rank=0, world=1, workers=0) -> DataLoader:
+    """Every `world`-th sample from `rank` on, no padding: summed over ranks, each sample counts once."""
+    ds = ShardDataset(shard_dir, split, eval_transform(*size), resize_label=False, verify=False)
+    part = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+    return DataLoader(part, batch_size=batch_size, num_workers=workers)

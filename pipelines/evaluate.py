@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from data_prep import storage
+from data_prep.augment import eval_loader
 from data_prep.shards import manifest_id, read_manifest, verify_shards
+from pipelines import checkpoint as ckpt_io
 from pipelines import engine
-from pipelines.plots import save_confusion_matrix, save_overlay
-from pipelines.train import display_image, eval_loader, load_checkpoint
+from pipelines.plots import display_image, save_confusion_matrix, save_overlay
 from segnet import CLASSES
 from segnet.errors import SegNetError
 
@@ -25,7 +26,7 @@ def evaluate(
     manifest = read_manifest(data)
     verify_shards(data, manifest, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = load_checkpoint(checkpoint, device)
+    model, meta = ckpt_io.load(checkpoint, device)
     if meta["num_classes"] != len(manifest["classes"]):
         have = len(manifest["classes"])
         raise SegNetError(

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from data_prep.augment import MEAN, STD
+from pipelines import checkpoint as ckpt_io
 from pipelines import registry
 from segnet import CLASSES
 from segnet.errors import SegNetError
@@ -57,14 +58,10 @@ def export_onnx(uri: str, ref: str, out: str | Path | None, source: str | Path, 
     import onnx
     import onnxruntime as ort
 
-    from pipelines.train import load_checkpoint
-
     shown = registry.show(uri, ref)
     out = Path(out or f"{shown['name']}-v{shown['version']}.onnx")
     with tempfile.TemporaryDirectory() as tmp:
-        model, meta = load_checkpoint(
-            registry.download_weights(uri, f"{shown['name']}/{shown['version']}", tmp)
-        )
+        model, meta = ckpt_io.load(registry.download_weights(uri, f"{shown['name']}/{shown['version']}", tmp))
     model = fold_batch_norm(model)
     size = tuple(meta["image_size"])
     x = camvid_batch(source, images, size)

@@ -7,6 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from segnet import CLASSES  # noqa: E402
@@ -19,6 +21,13 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )  # fmt: skip
+
+
+def display_image(x: torch.Tensor, size) -> np.ndarray:
+    """A uint8 3xHxW model input as an HxWx3 picture at the label's size, for overlays."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return x.clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def colourise(label: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from segnet.errors import SegNetError
 from segnet.layers import fold_batch_norm
-from segnet.models import build_model
+from segnet.models import model_from_meta
 
 MAX_PIXELS = 40_000_000  # per image: larger ones are refused before decoding (decompression bombs)
 
@@ -96,8 +96,7 @@ class SegNetModel(mlflow.pyfunc.PythonModel):
                 f"{weights} has sha256 {digest}, but the model was logged with {meta['weights_sha256']}: "
                 "the weights file was changed after logging; refusing to load it"
             )
-        options = {"dropout": meta["config"]["dropout"]} if meta["config"].get("dropout") else {}
-        model = build_model(meta["config"]["model"], num_classes=meta["num_classes"], **options)
+        model = model_from_meta(meta)
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as e:  # noqa: BLE001 - any unreadable weights get one clear message

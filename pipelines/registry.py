@@ -242,7 +242,7 @@ def load(uri: str, ref: str):
 
 
 def download_weights(uri: str, ref: str, dest: str | Path) -> Path:
-    """A registered version's weights and meta.json in a folder that `load_checkpoint` reads, with the
+    """A registered version's weights and meta.json in a folder that `checkpoint.load` reads, with the
     weights' sha256 checked against the one logged with the model."""
     v = resolve_version(uri, ref)
     mlflow.set_tracking_uri(uri)

@@ -4,7 +4,6 @@ One `train_loop(config)` runs on every worker, as in Ray's own examples; `train(
 configuration before any worker starts, builds one TorchTrainer and fits it.
 """
 
-import io
 import json
 import math
 import tempfile
@@ -15,26 +14,26 @@ from pathlib import Path
 import numpy as np
 import ray.train
 import torch
-import torch.nn.functional as F
 
 from data_prep import storage
 from data_prep.augment import (
     AugmentConfig,
     ShardDataset,
-    eval_transform,
+    eval_loader,
     make_loader,
     parse_size,
     train_transform,
 )
 from data_prep.device_augment import DeviceBatches
 from data_prep.shards import ShardReader, init_ray, manifest_id, read_manifest, verify_shards
+from pipelines import checkpoint as ckpt_io
 from pipelines import tracking
 from pipelines.engine import COMPILE_CHOICES, compile_model, evaluate, scores, train_epoch, use_compile
-from pipelines.plots import save_confusion_matrix, save_curves, save_overlay
-from segnet import MODELS, build_model, segmentation_loss
+from pipelines.plots import display_image, save_confusion_matrix, save_curves, save_overlay
+from segnet import MODELS, segmentation_loss
 from segnet.errors import SegNetError
 from segnet.losses import WEIGHTING_MODES
-from segnet.models import min_input_size
+from segnet.models import min_input_size, model_from_meta
 
 METRICS = ("val_miou", "val_global_accuracy", "val_class_accuracy", "val_bf")
 INPUTS = ("auto", "loader", "device")
@@ -164,63 +163,6 @@ def check_resources(cfg: TrainConfig) -> None:
     print("the cluster has room now", flush=True)
 
 
-def find_checkpoints(run_dir: str) -> list[str]:
-    folders = storage.list_names(run_dir, folders=True)
-    return [d for d in folders if storage.exists(storage.join(d, "model.pt"))]
-
-
-# ---------------------------------------------------------------- shared by train, evaluate and bench
-
-
-def display_image(x: torch.Tensor, size) -> np.ndarray:
-    """A uint8 3xHxW model input as an HxWx3 picture at the label's size, for overlays."""
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
-    return x.clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
-def eval_loader(shard_dir: str, split: str, size, batch_size: int, rank=0, world=1, workers=0):
-    """Every `world`-th sample from `rank` on, no padding: summed over ranks, each sample counts once."""
-    ds = ShardDataset(shard_dir, split, eval_transform(*size), resize_label=False, verify=False)
-    part = torch.utils.data.Subset(ds, range(rank, len(ds), world))
-    return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers)
-
-
-def model_options(cfg: dict, weights: bool = True) -> dict:
-    """The constructor options a config asks for (only those set, so every model accepts them)."""
-    options = {}
-    if cfg.get("dropout"):
-        options["dropout"] = cfg["dropout"]
-    if cfg.get("recompute"):
-        options["recompute"] = cfg["recompute"]
-    if weights and cfg.get("vgg16_weights"):
-        options["vgg16_weights"] = cfg["vgg16_weights"]
-    return options
-
-
-def save_checkpoint(folder: Path, model, optimizer, epoch: int, meta: dict) -> None:
-    """Weights and optimiser as plain tensors (loadable with weights_only=True), the rest as JSON."""
-    torch.save(model.state_dict(), folder / "model.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, folder / "optimizer.pt")
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-
-
-def load_checkpoint(folder: str | Path, device="cpu"):
-    """(model, meta) from a checkpoint folder or URI, read through storage; never unpickles code."""
-    weights, meta_file = storage.join(folder, "model.pt"), storage.join(folder, "meta.json")
-    if not storage.exists(weights) or not storage.exists(meta_file):
-        raise SegNetError(f"{folder} is not a checkpoint: expected model.pt and meta.json in it")
-    meta = json.loads(storage.read_bytes(meta_file))
-    cfg = meta["config"]
-    model = build_model(cfg["model"], num_classes=meta["num_classes"], **model_options(cfg, weights=False))
-    try:
-        state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location=device, weights_only=True)
-        model.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file gets one clear message
-        raise SegNetError(f"{weights} could not be loaded as {cfg['model']} weights: {e}") from e
-    return model.to(device), meta
-
-
 def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.device):
     """This worker's training and validation batches: augmented on the device (GPU default), or by
     albumentations in DataLoader workers (CPU default, and for users' own transforms)."""
@@ -254,7 +196,7 @@ def train_loop(config: dict) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    model = build_model(cfg.model, num_classes=num_classes, **model_options(asdict(cfg)))
+    model = model_from_meta({"config": asdict(cfg), "num_classes": num_classes}, vgg16_weights=True)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
@@ -267,11 +209,8 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restart after a failure, or --resume
         with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True))
-            opt = torch.load(Path(d) / "optimizer.pt", map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(opt["optimizer"])
-            start = opt["epoch"] + 1
-            history = json.loads((Path(d) / "meta.json").read_text())["history"]
+            meta = ckpt_io.restore(d, model, optimizer)
+            start, history = meta["epoch"] + 1, meta["history"]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start}", flush=True)
     if use_compile(cfg.compile, device):
@@ -321,7 +260,7 @@ def train_loop(config: dict) -> None:
                     "history": history,
                     "mlflow_run_id": config["run_id"],
                 }
-                save_checkpoint(Path(tmp), net, optimizer, epoch, meta)
+                ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 if epoch == cfg.epochs - 1:
                     log_final_artifacts(config, cm, history, examples)
@@ -372,7 +311,7 @@ def train(
     if resume:  # a run name under --storage-path, or the run's folder or URI
         run_dir = storage.absolute(resume) if storage.is_uri(resume) or Path(resume).is_dir() else None
         run_dir = run_dir or storage.join(root, resume)
-        if not find_checkpoints(run_dir):
+        if not ckpt_io.find(run_dir):
             raise SegNetError(f"--resume {resume}: {run_dir} holds no checkpoint to resume from")
         saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
         epochs = cfg.epochs

@@ -42,6 +42,17 @@ def build_model(name: str, num_classes: int = NUM_CLASSES, in_channels: int = 3,
     return model
 
 
+def model_from_meta(meta: dict, vgg16_weights: bool = False) -> nn.Module:
+    """The untrained model a checkpoint's meta.json describes: its name, class count and constructor options.
+    The one way a saved model is rebuilt (checkpoints, the logged pyfunc, the benches); the encoder's VGG16
+    weights are loaded only when asked, since a checkpoint's own weights replace them."""
+    cfg = meta["config"]
+    options = {key: cfg[key] for key in ("dropout", "recompute") if cfg.get(key)}
+    if vgg16_weights and cfg.get("vgg16_weights"):
+        options["vgg16_weights"] = cfg["vgg16_weights"]
+    return build_model(cfg["model"], num_classes=meta.get("num_classes", NUM_CLASSES), **options)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -8,8 +8,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data_prep import prepare
+from pipelines.checkpoint import load as load_checkpoint
 from pipelines.evaluate import evaluate
-from pipelines.train import TrainConfig, load_checkpoint, train
+from pipelines.train import TrainConfig, train
 from segnet import SegNetError
 
 pytestmark = pytest.mark.slow
