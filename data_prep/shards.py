@@ -94,13 +94,19 @@ def write_shard(task: dict) -> dict:
         return {"file": task["file"], "error": str(e)}
     folder = tempfile.gettempdir() if storage.is_uri(task["out"]) else task["out"]
     tmp = Path(folder) / f".{task['file']}.tmp-{uuid.uuid4().hex[:8]}"
+    target = storage.join(task["out"], task["file"])
     compression = None if task["compression"] == "none" else task["compression"]
     options = ipc.IpcWriteOptions(compression=compression)
-    with ipc.new_file(str(tmp), SCHEMA, options=options) as writer:
-        for b in batches:
-            writer.write_batch(b)
-    digest = sha256_file(tmp)
-    storage.put_file(tmp, storage.join(task["out"], task["file"]))
+    try:
+        with ipc.new_file(str(tmp), SCHEMA, options=options) as writer:
+            for b in batches:
+                writer.write_batch(b)
+        digest = sha256_file(tmp)
+        storage.put_file(tmp, target)
+    except (OSError, SegNetError) as e:  # a full disk: the partial file goes, nothing is promoted
+        tmp.unlink(missing_ok=True)
+        error = e if isinstance(e, SegNetError) else storage.failed(target, e)
+        return {"file": task["file"], "error": str(error)}
     return {
         "split": task["split"],
         "index": task["index"],

@@ -9,6 +9,7 @@ It sits in data_prep (not pipelines) because shards are read and written through
 imports nothing from pipelines.
 """
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -23,6 +24,7 @@ from segnet.errors import SegNetError
 
 CACHE = Path(tempfile.gettempdir()) / "segnet-cache"  # node-local: each node's own temp directory
 DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "HTTP status 403")
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no room: a full disk, a file size limit, a quota
 SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}  # pyarrow filesystem type -> URI scheme
 
 
@@ -48,7 +50,10 @@ def uri(filesystem: pafs.FileSystem, path: str) -> str:
 def failed(location: str, e: Exception) -> SegNetError:
     """One line naming the URI and what went wrong, from a store's error."""
     text = " ".join(str(e).split())
-    if "NETWORK_CONNECTION" in text or "curlCode" in text:
+    full = [n for n in FULL if getattr(e, "errno", None) == n or os.strerror(n) in text]
+    if full:
+        reason = f"no space to write it ({os.strerror(full[0])})"
+    elif "NETWORK_CONNECTION" in text or "curlCode" in text:
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "unset")
         reason = f"the endpoint is unreachable (AWS_ENDPOINT_URL={endpoint})"
     elif any(k in text for k in DENIED):
@@ -107,8 +112,11 @@ def write_bytes(location: str | Path, data: bytes) -> None:
         if isinstance(fs, pafs.LocalFileSystem):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(path).with_name(f".{Path(path).name}.tmp-{uuid.uuid4().hex[:8]}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)

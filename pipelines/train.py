@@ -4,6 +4,7 @@ One `train_loop(config)` runs on every worker, as in Ray's own examples; `train(
 configuration before any worker starts, builds one TorchTrainer and fits it.
 """
 
+import functools
 import json
 import math
 import tempfile
@@ -207,12 +208,14 @@ def train_loop(config: dict) -> None:
     )
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restart after a failure, or --resume
-        with checkpoint.as_directory() as d:
-            meta = ckpt_io.restore(d, model, optimizer)
-            start, history = meta["epoch"] + 1, meta["history"]
+    if checkpoint:  # a restart after a failure, or --resume; a damaged checkpoint falls back to an older one
+        found = storage.uri(checkpoint.filesystem, checkpoint.path)
+        run_dir = storage.join(cfg.storage_path, cfg.name)
+        warn = functools.partial(print, flush=True) if rank == 0 else None
+        used, meta = ckpt_io.restore_newest_good(found, run_dir, model, optimizer, warn)
+        start, history = meta["epoch"] + 1, meta["history"]
         if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start}", flush=True)
+            print(f"resuming from the checkpoint of epoch {start}: {used}", flush=True)
     if use_compile(cfg.compile, device):
         compile_model(model)
     model = ray.train.torch.prepare_model(model)
@@ -371,8 +374,12 @@ def train(
     except Exception as e:
         tracking.end_run(uri, run_id, "FAILED")
         raise SegNetError(f"training run {name} failed: {e}") from e
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, -1))
-    best_uri = storage.uri(best_ckpt.filesystem, best_ckpt.path)
+    ranked = sorted(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, -1), reverse=True)
+    ranked = [(storage.uri(c.filesystem, c.path), m) for c, m in ranked]
+    best_uri, best_metrics = next(((u, m) for u, m in ranked if ckpt_io.verifies(u)), (None, None))
+    if best_uri is None:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise SegNetError(f"training run {name} finished, but none of its checkpoints verifies")
     last_meta = storage.join(storage.uri(result.checkpoint.filesystem, result.checkpoint.path), "meta.json")
     best = {
         "run": name,
