@@ -12,6 +12,7 @@ from segnet.classes import VOID
 from segnet.errors import SegNetError
 
 SPLITS = ("train", "val", "test")
+MAX_PIXELS = 40_000_000  # per image (CamVid's are 172,800): larger ones are refused before decoding
 
 # The standard CamVid-11 grouping of the original release's 32 colour classes (as used by SegNet and
 # every CamVid-11 benchmark since): RGB colour -> 0 Sky .. 10 Bicyclist, 11 void.
@@ -77,6 +78,13 @@ def find_pairs(root: str | Path, limit: int | None = None) -> dict[str, list[Pai
         for name in names:
             image = image_dir / name
             label = label_dir / f"{Path(name).stem}{suffix}.png"
+            if not name.isprintable():
+                raise SegNetError(f"file name {name!r} in {image_dir} holds a control character: refusing it")
+            for path in (image, label):  # a link may point anywhere: read nothing from outside the source
+                if not path.resolve().is_relative_to(root.resolve()):
+                    raise SegNetError(
+                        f"{path} links to {path.resolve()}, outside the source folder {root}: refusing it"
+                    )
             if not image.is_file():
                 raise SegNetError(f"{image} is listed in {listing.name} but does not exist")
             if not label.is_file():
@@ -87,13 +95,20 @@ def find_pairs(root: str | Path, limit: int | None = None) -> dict[str, list[Pai
 
 
 def _decode_png(data: bytes, path: str) -> Image.Image:
+    """A PNG decoded after its header's size is checked: a small file declaring a huge image is refused."""
     try:
         img = Image.open(io.BytesIO(data))
         if img.format != "PNG":
             raise SegNetError(f"{path} is a {img.format} file, expected a PNG")
+        if img.width * img.height > MAX_PIXELS:
+            raise SegNetError(
+                f"{path} declares {img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,}"
+            )
         img.load()
     except SegNetError:
         raise
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit: refused by Image.open
+        raise SegNetError(f"{path} declares over {MAX_PIXELS:,} pixels, the limit ({e})") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
         raise SegNetError(f"{path} is not a readable PNG ({e})") from e
     return img

@@ -234,6 +234,9 @@ def prepare(
         raise SegNetError(f"interrupted: {done} shards written, so no manifest; run prepare again")
     errors = sorted(r["error"] for r in results if r["error"])
     if errors:
+        for r in results:  # no partial output: the shards this run wrote go too (and free a full disk)
+            if not r["error"]:
+                storage.delete(storage.join(out, r["file"]))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise SegNetError(errors[0] + more)
 

@@ -15,6 +15,7 @@ import torch
 from data_prep import storage
 from segnet.errors import SegNetError
 from segnet.models import model_from_meta
+from segnet.weights import load_tensors
 
 WEIGHTS, OPTIMIZER, META = "model.pt", "optimizer.pt", "meta.json"
 
@@ -58,10 +59,7 @@ def _tensors(path: str, expected_sha256: str | None, device="cpu"):
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 and digest != expected_sha256:
         raise SegNetError(f"{path} has sha256 {digest}, but its checkpoint recorded {expected_sha256}")
-    try:
-        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file (a pickle with code) gets one line
-        raise SegNetError(f"{path} is not a file of plain tensors (weights_only load failed): {e}") from e
+    return load_tensors(io.BytesIO(data), path, device)
 
 
 def verifies(folder: str | Path) -> bool:

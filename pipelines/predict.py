@@ -8,7 +8,7 @@ that cannot be read is reported by name and skipped; the count of skipped images
 
 import io
 import time
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ from PIL import Image
 from data_prep import storage
 from pipelines import registry
 from pipelines.plots import overlay
-from pipelines.pyfunc_model import check_pixels
+from pipelines.pyfunc_model import MAX_PIXELS, check_pixels
 from segnet.errors import SegNetError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -41,7 +41,22 @@ def input_images(location: str) -> tuple[str, list[str]]:
     )
     if not files:
         raise SegNetError(f"{location} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for file in files:
+        check_name(location, file)
     return location, files
+
+
+def check_name(root: str, file: str) -> None:
+    """Each label PNG is written at its input's path below --output: refuse an input whose name would lead
+    out of it (a bucket key `a/../../b`), holds a control character, or (local) links out of the input."""
+    relative = file[len(root) + 1 :]
+    if not relative.isprintable():
+        raise SegNetError(f"input file name {relative!r} under {root} holds a control character: refusing it")
+    if ".." in relative.split("/"):
+        raise SegNetError(f"input {relative!r} under {root} has a '..' part, so its output would land "
+                          "outside --output: refusing it")  # fmt: skip
+    if not storage.is_uri(file) and not Path(file).resolve().is_relative_to(Path(root).resolve()):
+        raise SegNetError(f"input {file} links to {Path(file).resolve()}, outside {root}: refusing it")
 
 
 def read_rgb(location: str) -> np.ndarray:
@@ -51,6 +66,8 @@ def read_rgb(location: str) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except SegNetError:
         raise
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit: refused by Image.open
+        raise SegNetError(f"{location} is over the limit of {MAX_PIXELS:,} pixels ({e})") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable files
         raise SegNetError(f"{location} cannot be decoded as an image ({e})") from e
 

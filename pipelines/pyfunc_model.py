@@ -25,6 +25,7 @@ from PIL import Image
 from segnet.errors import SegNetError
 from segnet.layers import fold_batch_norm
 from segnet.models import model_from_meta
+from segnet.weights import load_tensors
 
 MAX_PIXELS = 40_000_000  # per image: larger ones are refused before decoding (decompression bombs)
 
@@ -97,10 +98,11 @@ class SegNetModel(mlflow.pyfunc.PythonModel):
                 "the weights file was changed after logging; refusing to load it"
             )
         model = model_from_meta(meta)
+        state = load_tensors(weights, str(weights))  # tensors only: a pickle with code is refused
         try:
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except Exception as e:  # noqa: BLE001 - any unreadable weights get one clear message
-            raise SegNetError(f"{weights} could not be loaded as weights: {e}") from e
+            model.load_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - weights of another model
+            raise SegNetError(f"{weights} does not fit {meta['config']['model']}: {e}") from e
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = fold_batch_norm(model).to(self.device, memory_format=torch.channels_last)
         self.size = tuple(meta["image_size"])

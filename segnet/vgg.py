@@ -8,6 +8,7 @@ from torch import nn
 from segnet.classes import NUM_CLASSES
 from segnet.errors import SegNetError
 from segnet.layers import check_input_size, conv_bn, he_init, pool, recomputed, unpool
+from segnet.weights import load_tensors
 
 # VGG16's convolution widths per block (configuration D of Simonyan & Zisserman).
 VGG16_BLOCKS = [(64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)]
@@ -103,10 +104,7 @@ def load_vgg16_encoder(model: SegNet, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise SegNetError(f"VGG16 weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise SegNetError(f"{path} is not a loadable torch state dict ({e.__class__.__name__}: {e})") from e
+    state = load_tensors(path, str(path))
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

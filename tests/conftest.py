@@ -2,10 +2,12 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,6 +76,22 @@ def copy_camvid_subset(src: Path, dest: Path, per_split: int = 2) -> Path:
             for name in names:
                 shutil.copy2(src / sub / name, dest / sub / name)
     return dest
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 4096)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def png_declaring():
+    """`png_declaring(width, height)`: a decompression bomb, a PNG of about 80 bytes whose header declares
+    width x height RGB pixels (30000x30000: 2.7 GB once decoded)."""
+    return _png_declaring
 
 
 @pytest.fixture

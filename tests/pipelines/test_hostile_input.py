@@ -1,0 +1,275 @@
+"""Hostile input at each door: `prepare` (CamVid folders), `predict` (image folders and bucket prefixes) and
+model loading (checkpoints, the registered pyfunc). Each is refused in one line naming the file, with exit
+status 2 from the CLI; nothing runs, nothing is written outside the output folder, no partial output is left.
+`serve` has its cases beside its server, in test_serve.py."""
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
+
+import pytest
+import torch
+from PIL import Image
+
+from data_prep import prepare
+from data_prep.camvid import find_pairs, load_pair
+from pipelines import checkpoint as ckpt_io
+from pipelines.predict import input_images, read_rgb
+from pipelines.pyfunc_model import SegNetModel
+from segnet import SegNetError, build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _segnet(*args, ray=None, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if ray is not None:  # join the session's Ray rather than start one per command
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)  # fmt: skip
+
+
+def _refused(r: subprocess.CompletedProcess, command: str, fragment: str) -> str:
+    """Exit status 2 and a last line `segnet COMMAND: error: ...` holding `fragment`; no traceback."""
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"segnet {command}: error: ") and fragment in last, last
+    assert "Traceback" not in r.stderr
+    return last
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def _hostile_camvid(root: Path, outside: Path, how: str, png_declaring) -> str:
+    """Make a copy of real CamVid hostile in one way; returns a fragment the error must hold."""
+    image = sorted((root / "train").iterdir())[0]
+    label = root / "trainannot" / image.name
+    if how == "decompression bomb":
+        image.write_bytes(png_declaring(30000, 30000))
+        return "declares over 40,000,000 pixels"
+    if how == "header over the limit":  # 48 million: under PIL's own bomb limit, over ours
+        image.write_bytes(png_declaring(8000, 6000))
+        return "declares 8000x6000 pixels, over the limit of 40,000,000"
+    if how == "truncated":
+        image.write_bytes(image.read_bytes()[:5000])
+        return f"{image} is not a readable PNG"
+    if how == "text named .png":
+        image.write_text("a text file, not a picture\n")
+        return f"{image} is not a readable PNG (cannot identify image file"
+    if how == "rgb label":
+        Image.open(label).convert("RGB").save(label)
+        return "has mode RGB (3 channels), expected a one-channel label"
+    if how == "symlink out of the source":
+        image.unlink()
+        image.symlink_to(outside / "secret.png")
+        return "outside the source folder"
+    if how == "symlinked label folder":
+        shutil.move(root / "trainannot", outside / "trainannot")
+        (root / "trainannot").symlink_to(outside / "trainannot")
+        return "outside the source folder"
+    if how == "newline in a name":
+        image.rename(image.with_name("evil\nname.png"))
+        return "'evil\\nname.png'"
+    if how == "dotdot in the listing":  # the SegNet list names ../../outside/secret.png
+        (root / "train.txt").write_text(f"../../outside/secret.png {label}\n")
+        return "secret.png is listed in train.txt but does not exist"
+    raise AssertionError(how)
+
+
+CONTENT = ["decompression bomb", "header over the limit", "truncated", "text named .png", "rgb label"]
+LISTING = [
+    "symlink out of the source",
+    "symlinked label folder",
+    "newline in a name",
+    "dotdot in the listing",
+]
+
+
+@pytest.fixture
+def hostile_source(small_camvid, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(next((small_camvid / "test").iterdir()), outside / "secret.png")
+    return small_camvid, outside
+
+
+@pytest.mark.parametrize("how", CONTENT + LISTING)
+def test_prepare_refuses_hostile_input_by_name_before_decoding_it(hostile_source, png_declaring, how):
+    source, outside = hostile_source
+    fragment = _hostile_camvid(source, outside, how, png_declaring)
+    with pytest.raises(SegNetError, match="refusing|not a readable|pixels|mode|does not exist") as e:
+        for pairs in find_pairs(source).values():
+            for pair in pairs:
+                load_pair(pair)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["decompression bomb", *LISTING])
+def test_prepare_cli_exits_2_with_one_line_and_writes_nothing(
+    hostile_source, png_declaring, ray_local, tmp_path, how
+):
+    source, outside = hostile_source
+    fragment = _hostile_camvid(source, outside, how, png_declaring)
+    before = {"source": _tree(source), "outside": _tree(outside)}
+    out = tmp_path / "out"
+    r = _segnet("prepare", "--source", source, "--out", out, "--shard-size", "1", ray=ray_local, cwd=tmp_path)
+    _refused(r, "prepare", fragment)
+    assert not out.exists() or list(out.iterdir()) == []  # no manifest, no shard, no temporary file
+    assert {"source": _tree(source), "outside": _tree(outside)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["camvid", "outside", *(["out"] * out.exists())]
+    )
+
+
+# ---------------------------------------------------------------- predict
+
+
+@pytest.mark.parametrize(
+    "how, fragment",
+    [
+        ("decompression bomb", "is over the limit of 40,000,000 pixels"),
+        ("header over the limit", "has 8000x6000 pixels, over the limit"),
+        ("text named .png", "cannot be decoded as an image"),
+        ("truncated", "cannot be decoded as an image"),
+    ],
+)
+def test_predict_refuses_an_image_it_cannot_or_should_not_decode(
+    camvid_dir, png_declaring, tmp_path, how, fragment
+):
+    path = tmp_path / "in.png"
+    camvid = sorted((camvid_dir / "test").iterdir())[0].read_bytes()
+    data = {"decompression bomb": png_declaring(30000, 30000), "truncated": camvid[:5000],
+            "header over the limit": png_declaring(8000, 6000), "text named .png": b"text"}  # fmt: skip
+    path.write_bytes(data[how])
+    with pytest.raises(SegNetError) as e:
+        read_rgb(str(path))
+    assert str(e.value).startswith(str(path)) and fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def _photos(tmp_path: Path, camvid_dir: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(sorted((camvid_dir / "test").iterdir())[0], folder / "street.png")
+    return folder
+
+
+@pytest.mark.parametrize("how", ["symlink out of the input", "newline in a name"])
+def test_predict_cli_refuses_a_hostile_input_listing_before_any_model_loads(camvid_dir, tmp_path, how):
+    photos = _photos(tmp_path, camvid_dir)
+    secret = tmp_path / "secret.png"
+    shutil.copy(photos / "street.png", secret)
+    if how == "symlink out of the input":
+        (photos / "link.png").symlink_to(secret)
+        fragment = f"links to {secret}, outside {photos}"
+    else:
+        shutil.copy(secret, photos / "two\nlines.png")
+        fragment = "'two\\nlines.png'"
+    out = tmp_path / "labels"
+    r = _segnet(
+        "predict", "--model", "models:/none@champion", "--input", photos, "--output", out, cwd=tmp_path
+    )
+    _refused(r, "predict", fragment)
+    assert not out.exists()
+
+
+def test_predict_cli_refuses_a_bucket_key_with_dotdot(s3, png_declaring, tmp_path):
+    """A key `in/../../escape.png` (S3 allows it) would put its label PNG two folders above --output."""
+    endpoint = urlparse(s3["env"]["AWS_ENDPOINT_URL"])
+    bucket = s3["bucket"].removeprefix("s3://")
+    for key in ("hostile/in/street.png", "hostile/in/../../escape.png"):  # raw paths: nothing normalises them
+        conn = http.client.HTTPConnection(endpoint.hostname, endpoint.port, timeout=30)
+        conn.request("PUT", f"/{bucket}/{key}", body=png_declaring(48, 32))
+        assert conn.getresponse().status == 200
+        conn.close()
+    out = tmp_path / "a" / "b" / "labels"
+    with pytest.raises(SegNetError, match=r"'\.\./\.\./escape\.png' .* has a '\.\.' part"):
+        input_images(f"{s3['bucket']}/hostile/in")
+    r = _segnet("predict", "--model", "models:/none@champion", "--input", f"{s3['bucket']}/hostile/in",
+                "--output", out, cwd=tmp_path)  # fmt: skip
+    _refused(r, "predict", "has a '..' part")
+    assert list(tmp_path.rglob("*")) == []
+
+
+# ---------------------------------------------------------------- model loading
+
+
+class Code:
+    """Unpickled, this runs `touch MARKER`: the marker file shows whether any loader ran it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile_checkpoint(folder: Path, marker: Path) -> Path:
+    """A checkpoint whose model.pt is a pickle with code, its sha256 recorded as if it were genuine."""
+    folder.mkdir(parents=True)
+    torch.save(Code(marker), folder / "model.pt")
+    torch.save({"optimizer": {}, "epoch": 0}, folder / "optimizer.pt")
+    meta = {"config": {"model": "segnet-basic", "data": "x"}, "num_classes": 11, "image_size": [64, 96],
+            "epoch": 0, "weights_sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
+            "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+REFUSAL = "is not a file of plain tensors (it asks to import posix.system): refusing to load it"
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_by_every_loader_and_never_runs(tmp_path):
+    marker = tmp_path / "marker"
+    folder = _hostile_checkpoint(tmp_path / "checkpoint", marker)
+    with pytest.raises(SegNetError, match=REFUSAL.replace("(", r"\(").replace(")", r"\)")):
+        ckpt_io.load(folder)
+    model = build_model("segnet-basic", num_classes=11)
+    with pytest.raises(SegNetError, match="plain tensors"):
+        ckpt_io.restore(folder, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    context = SimpleNamespace(
+        artifacts={"weights": str(folder / "model.pt"), "meta": str(folder / "meta.json")}
+    )
+    with pytest.raises(SegNetError, match="plain tensors"):  # the registered pyfunc, as MLflow loads it
+        SegNetModel().load_context(context)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(camvid_dir, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-shards")
+    prepare(camvid_dir, out, limit=1, log=lambda _: None)
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_cli_refuses_a_checkpoint_that_pickles_code(tiny_shards, tmp_path):
+    marker = tmp_path / "marker"
+    folder = _hostile_checkpoint(tmp_path / "checkpoint", marker)
+    before = _tree(tmp_path)
+    r = _segnet("evaluate", "--checkpoint", folder, "--data", tiny_shards, "--split", "test", cwd=tmp_path)
+    _refused(r, "evaluate", f"{folder}/model.pt {REFUSAL}")
+    assert not marker.exists()
+    assert _tree(tmp_path) == before  # no eval-test folder, nothing else
+
+
+def test_a_plain_png_of_camvid_size_still_decodes(tmp_path):
+    """The limits refuse what they should and nothing else: a real-sized PNG decodes."""
+    path = tmp_path / "ok.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (480, 360)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    assert read_rgb(str(path)).shape == (360, 480, 3)
