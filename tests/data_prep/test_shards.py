@@ -107,10 +107,15 @@ def test_tampered_shard_is_refused_when_read(small_camvid, ray_local, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(SegNetError, match="does not match its checksum"):
+    refused = f"shard {shard} does not match its checksum in the manifest"  # by name
+    with pytest.raises(SegNetError, match=refused):
         list(iter_samples(out, "val"))
-    with pytest.raises(SegNetError, match="does not match its checksum"):
+    with pytest.raises(SegNetError, match=refused):
         ray_dataset(out, "val")
+    r = _segnet("train", "--data", str(out), "--image-size", "64x96", cwd=tmp_path)  # before any worker
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 2
+    assert err.strip().splitlines()[-1] == f"segnet train: error: {refused}: refusing it"
     assert len(list(iter_samples(out, "train"))) == 2  # the other splits are still served
 
 
