@@ -137,6 +137,7 @@ def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_retrains_from_the_on
     assert f"resuming from the checkpoint of epoch 1: {good}" in r.stdout
     resumed = json.loads(r.stdout[r.stdout.index("{\n") :])
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]  # the same run, continued
     assert resumed["best_checkpoint"] != bad and ckpt_io.verifies(resumed["best_checkpoint"])
 
 
