@@ -164,11 +164,13 @@ def test_unknown_model_or_alias_lists_what_exists(search, ref, message):
         registry.resolve_version(cfg.mlflow_uri, ref)
 
 
-def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, tmp_path):
+def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, png_declaring, tmp_path):
     cfg, _ = search
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "in" / "bomb.png").write_bytes(png_declaring(30000, 30000))  # 83 bytes, 900 M pixels
     good = sorted((camvid_dir / "test").iterdir())[0]
+    (tmp_path / "in" / "cut.png").write_bytes(good.read_bytes()[:5000])
     (tmp_path / "in" / "sub" / good.name).write_bytes(good.read_bytes())
     r = _segnet(
         "predict",
@@ -180,8 +182,11 @@ def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, t
         cfg.mlflow_uri,
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "bad.png cannot be decoded" in r.stdout and "skipped 1 unreadable images" in r.stdout
-    assert (tmp_path / "o" / "sub" / good.name).is_file()  # the good one, beside the input's layout
+    assert "bad.png cannot be decoded" in r.stdout and "skipped 3 unreadable images" in r.stdout
+    assert "bomb.png is over the limit of 40,000,000 pixels" in r.stdout
+    assert "cut.png cannot be decoded" in r.stdout
+    written = list((tmp_path / "o").rglob("*.png"))
+    assert written == [tmp_path / "o" / "sub" / good.name]  # the good one only, beside the input's layout
 
 
 def test_unreachable_registry_is_one_line_with_the_uri(tmp_path):
