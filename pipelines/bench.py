@@ -196,8 +196,9 @@ def bench_train(
     from data_prep.augment import AugmentConfig as Aug
     from data_prep.augment import ShardDataset, make_loader, train_transform
     from data_prep.shards import read_manifest as manifest_of
+    from pipelines.config import TrainConfig
     from pipelines.engine import train_epoch
-    from pipelines.train import TrainConfig, train
+    from pipelines.train import train
     from segnet import build_model, segmentation_loss
 
     manifest = manifest_of(shard_dir)

@@ -5,7 +5,7 @@ import csv
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from data_prep import storage
@@ -13,81 +13,17 @@ from data_prep.augment import parse_size
 from data_prep.shards import init_ray, manifest_id, read_manifest
 from pipelines import tracking
 from pipelines.bench import measure_step
+from pipelines.config import Table1Config
 from pipelines.evaluate import evaluate
 from pipelines.plots import save_table1_chart
 from pipelines.train import check_config, check_resources
-from pipelines.tune import TuneConfig, make_tuner, trial_config, weighting_modes
+from pipelines.tune import make_tuner, trial_config
 from segnet.errors import SegNetError
 from segnet.models import build_model, count_parameters
 from segnet.paper import PAPER_SOURCE, PAPER_TABLE1
 
 MEASURES = ("G", "C", "mIoU", "BF")
 BALANCING = {"median_frequency": "median frequency", "none": "natural frequency"}
-
-# The paper's recipe (Sec. 4.1): SGD, lr 0.1, momentum 0.9, batch 12, He initialisation, shuffled every
-# epoch; each run's checkpoint chosen by validation global accuracy. Profiles differ in size and length.
-LR = 0.1
-RECIPE = dict(batch_size=12, metric="val_global_accuracy", scheduler="fifo")
-PROFILES = {
-    # minutes, for tests: tiny images, one epoch
-    "smoke": dict(image_size="48x64", epochs=1, batch_size=4, max_concurrent=2, loader_workers=0,
-                  infer_size="48x64", converge=False),
-    # this 2-core CPU: quarter resolution, 20 epochs; 55 minutes for the default 3 variants x 2 modes
-    "cpu": dict(image_size="90x120", epochs=20, max_concurrent=2, loader_workers=1, infer_size="360x480",
-                converge=False),
-    # GPUs: full resolution, until the training loss stops falling (at most 300 epochs)
-    "paper": dict(image_size="360x480", epochs=300, max_concurrent=4, gpus_per_worker=1, loader_workers=4,
-                  compile="on", input="device", infer_size="360x480", converge=True),
-}  # fmt: skip
-DEFAULT_VARIANTS = {
-    "smoke": "segnet-basic,bilinear-interpolation",
-    "cpu": "segnet-basic,fcn-basic,bilinear-interpolation",
-    "paper": ",".join(PAPER_TABLE1),
-}
-
-
-@dataclass
-class Table1Config:
-    data: str
-    profile: str = "cpu"
-    variants: str | None = None  # comma-separated model names; default per profile
-    balancing: str = "median_frequency,none"
-    workers_per_trial: int = 1
-    out: str = "table1"
-    storage_path: str = "runs"
-    mlflow_uri: str | None = None
-    experiment: str = "segnet-table1"
-    name: str | None = None
-    address: str | None = None
-
-
-def variants_of(cfg: Table1Config) -> list[str]:
-    names = [v.strip() for v in (cfg.variants or DEFAULT_VARIANTS[cfg.profile]).split(",") if v.strip()]
-    bad = [v for v in names if v not in PAPER_TABLE1]
-    if not names or bad:
-        raise SegNetError(f"--variants {bad or cfg.variants!r}: choose from the Table 1 models: "
-                          f"{', '.join(PAPER_TABLE1)}")  # fmt: skip
-    return names
-
-
-def check_table1(cfg: Table1Config) -> tuple[list[str], list[str]]:
-    """The grid's variants and balancing modes, or a clear error before anything starts."""
-    if cfg.profile not in PROFILES:
-        raise SegNetError(f"unknown --profile {cfg.profile!r}; choose one of: {', '.join(PROFILES)}")
-    modes = weighting_modes(cfg.balancing)
-    if set(modes) - set(BALANCING):
-        raise SegNetError(f"--balancing {cfg.balancing!r}: Table 1 compares {' and '.join(BALANCING)}")
-    return variants_of(cfg), modes
-
-
-def search_config(cfg: Table1Config) -> TuneConfig:
-    """The profile as a TuneConfig: one trial per grid point, every trial the paper's recipe."""
-    settings = {k: v for k, v in PROFILES[cfg.profile].items() if k not in ("infer_size", "converge")}
-    return replace(
-        TuneConfig(data=cfg.data, model=variants_of(cfg)[0]), **{**RECIPE, **settings},
-        class_weighting=cfg.balancing, workers_per_trial=cfg.workers_per_trial, storage_path=cfg.storage_path,
-        mlflow_uri=cfg.mlflow_uri, experiment=cfg.experiment, address=cfg.address, num_samples=1,
-    )  # fmt: skip
 
 
 def inference_ms(model: str, size: tuple[int, int], steps: int) -> float:
@@ -106,29 +42,33 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
     from ray.tune.stopper import TrialPlateauStopper
 
     t0 = time.perf_counter()
-    variants, modes = check_table1(cfg)
-    search = search_config(cfg)
+    variants, modes, train_cfg = cfg.variants, cfg.tune.class_weighting, cfg.tune.train
+    lr = cfg.tune.lr_max  # the paper's recipe fixes it (lr_min = lr_max in configs/table1-*.yaml)
     for v in variants:  # every mistake before Ray starts: the data, the image size for each variant
-        check_config(trial_config(search, LR, modes[0], "check", v))
-    uri = tracking.tracking_uri(cfg.mlflow_uri)
-    search.mlflow_uri, search.data = uri, storage.absolute(cfg.data)
-    search.storage_path = storage.absolute(cfg.storage_path)
-    name = cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    profile = PROFILES[cfg.profile]
-    init_ray(cfg.address)
-    check_resources(trial_config(search, LR, modes[0], "check"))  # e.g. the paper profile without GPUs
-    parent = tracking.start_run(uri, cfg.experiment, name, cfg, search.data, manifest_id(search.data))
+        check_config(trial_config(cfg.tune, lr, modes[0], "check", v))
+    uri = tracking.tracking_uri(train_cfg.mlflow_uri)
+    name = train_cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train_cfg = replace(train_cfg, mlflow_uri=uri, data=storage.absolute(train_cfg.data),
+                        storage_path=storage.absolute(train_cfg.storage_path), name=name)  # fmt: skip
+    search = replace(cfg.tune, train=train_cfg, num_samples=1)
+    init_ray(train_cfg.address)
+    check_resources(trial_config(search, lr, modes[0], "check"))  # e.g. the paper profile without GPUs
+    parent = tracking.start_run(
+        uri, train_cfg.experiment, name, cfg, train_cfg.data, manifest_id(train_cfg.data)
+    )
     tracking.set_tags(uri, parent, {"profile": cfg.profile, "recipe": json.dumps(asdict(search))})
-    log(f"Table 1, profile {cfg.profile}: {len(variants)} variants x {len(modes)} balancing modes at "
-        f"{search.image_size}, {search.epochs} epochs; MLflow experiment {cfg.experiment!r}")  # fmt: skip
+    log(
+        f"Table 1, profile {cfg.profile}: {len(variants)} variants x {len(modes)} balancing modes at "
+        f"{train_cfg.image_size}, {train_cfg.epochs} epochs; MLflow experiment {train_cfg.experiment!r}"
+    )
 
     param_space = {
-        "model": tune.grid_search(variants), "class_weighting": tune.grid_search(modes), "lr": LR,
+        "model": tune.grid_search(variants), "class_weighting": tune.grid_search(modes), "lr": lr,
         "search": asdict(search), "search_name": name, "parent_run_id": parent,
     }  # fmt: skip
     stop = (
         TrialPlateauStopper("train_loss", std=0.002, num_results=10, grace_period=50, mode="min")
-        if profile["converge"]
+        if cfg.converge
         else None
     )
     results = make_tuner(search, name, param_space, 1, stop=stop).fit()
@@ -136,33 +76,32 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
         tracking.end_run(uri, parent, "KILLED")
         raise SegNetError(f"experiment {name} was interrupted; no report written")
 
-    infer_size = parse_size(profile["infer_size"])
-    infer = {v: inference_ms(v, infer_size, 1 if cfg.profile == "smoke" else 5) for v in variants}
-    filesystem = storage.resolve(search.storage_path)[0]  # trials report checkpoint paths without a scheme
+    infer = {v: inference_ms(v, parse_size(cfg.infer_size), cfg.infer_steps) for v in variants}
+    filesystem = storage.resolve(train_cfg.storage_path)[0]  # trials report checkpoint paths without a scheme
     rows = []
     for r in results:
         model, mode = r.config["model"], r.config["class_weighting"]
-        df = None if r.metrics_dataframe is None else r.metrics_dataframe.dropna(subset=[search.metric])
+        df = None if r.metrics_dataframe is None else r.metrics_dataframe.dropna(subset=[train_cfg.metric])
         if r.error or df is None or df.empty:
             tracking.end_run(uri, parent, "FAILED")
             raise SegNetError(f"trial {model} / {mode} failed: {str(r.error).splitlines()[0]}")
-        best = df.loc[df[search.metric].idxmax()]
+        best = df.loc[df[train_cfg.metric].idxmax()]
         checkpoint = storage.uri(filesystem, best["checkpoint_path"])
-        test = evaluate(checkpoint, search.data, "test")
+        test = evaluate(checkpoint, train_cfg.data, "test")
         run_id = json.loads(storage.read_bytes(storage.join(checkpoint, "meta.json")))["mlflow_run_id"]
         tracking.log_metrics(uri, run_id, {f"test_{k}": test[k] for k in ("global_accuracy", "class_accuracy",
                                                                          "miou", "bf")}, step=0)  # fmt: skip
         rows.append({
             "variant": model, "balancing": mode, "epochs": int(df["epoch"].max()) + 1,
-            "best_epoch": int(best["epoch"]) + 1, "val_G": 100 * float(best[search.metric]),
+            "best_epoch": int(best["epoch"]) + 1, "val_G": 100 * float(best[train_cfg.metric]),
             "G": 100 * test["global_accuracy"], "C": 100 * test["class_accuracy"], "mIoU": 100 * test["miou"],
             "BF": 100 * test["bf"], "mlflow_run_id": run_id, "checkpoint": checkpoint,
         })  # fmt: skip
     info = {
-        "profile": cfg.profile, "image_size": search.image_size, "epochs": search.epochs,
-        "infer_size": profile["infer_size"], "minutes": (time.perf_counter() - t0) / 60, "name": name,
-        "workers_per_trial": cfg.workers_per_trial,
-        "test_images": read_manifest(search.data)["splits"]["test"]["num_images"],
+        "profile": cfg.profile, "image_size": train_cfg.image_size, "epochs": train_cfg.epochs,
+        "infer_size": cfg.infer_size, "minutes": (time.perf_counter() - t0) / 60, "name": name,
+        "workers_per_trial": train_cfg.workers,
+        "test_images": read_manifest(train_cfg.data)["splits"]["test"]["num_images"],
     }  # fmt: skip
     out = storage.absolute(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:  # a bucket gets a copy of the report written here

@@ -8,7 +8,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,52 +28,14 @@ from data_prep.device_augment import DeviceBatches
 from data_prep.shards import ShardReader, init_ray, manifest_id, read_manifest, verify_shards
 from pipelines import checkpoint as ckpt_io
 from pipelines import tracking
-from pipelines.engine import COMPILE_CHOICES, compile_model, evaluate, scores, train_epoch, use_compile
+from pipelines.config import TrainConfig
+from pipelines.engine import compile_model, evaluate, scores, train_epoch, use_compile
 from pipelines.plots import display_image, save_confusion_matrix, save_curves, save_overlay
-from segnet import MODELS, segmentation_loss
+from segnet import segmentation_loss
 from segnet.errors import SegNetError
-from segnet.losses import WEIGHTING_MODES
 from segnet.models import min_input_size, model_from_meta
 
-METRICS = ("val_miou", "val_global_accuracy", "val_class_accuracy", "val_bf")
-INPUTS = ("auto", "loader", "device")
 RUN_FILE = "segnet_run.json"
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    model: str = "segnet-basic"
-    workers: int = 2
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0
-    epochs: int = 10
-    batch_size: int = 12  # global: split evenly across workers
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    class_weighting: str = "median_frequency"
-    image_size: str | None = None  # HxW; None keeps the data's size (CamVid 360x480)
-    seed: int = 0
-    dropout: float = 0.0
-    vgg16_weights: str | None = None
-    sync_bn: bool = False
-    amp: bool = False
-    channels_last: bool = True  # NHWC: faster convs and pooling on CPU (docs/benchmarks.md)
-    recompute: int = 0  # segnet: blocks of the N largest resolutions recomputed in backward
-    compile: str = "auto"  # torch.compile: auto = on CUDA only (pipelines/engine.py says why)
-    input: str = "auto"  # loader (albumentations in DataLoader workers) | device (augment on the device);
-    # auto = device on GPU workers, loader on CPU workers
-    metric: str = "val_miou"
-    max_failures: int = 0
-    placement_timeout: float = 0  # seconds to wait for an autoscaler to add nodes; 0: fail at once
-    keep_checkpoints: int = 3
-    loader_workers: int = 1
-    storage_path: str = "runs"
-    name: str | None = None
-    mlflow_uri: str | None = None
-    experiment: str = "segnet-camvid"
-    address: str | None = None
 
 
 def image_size(cfg: TrainConfig, shard_dir: str) -> tuple[int, int]:
@@ -84,47 +46,19 @@ def image_size(cfg: TrainConfig, shard_dir: str) -> tuple[int, int]:
 
 
 def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
-    """Every mistake that can be caught before a worker starts, each with the value and what was expected."""
-    if cfg.model not in MODELS:
-        raise SegNetError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    """What depends on the data, checked before any worker starts (TrainConfig checks its own values)."""
     manifest = read_manifest(cfg.data)
     verify_shards(cfg.data, manifest, "train")
     verify_shards(cfg.data, manifest, "val")
     classes = len(manifest["classes"])
     if num_classes is not None and num_classes != classes:
         raise SegNetError(f"--num-classes {num_classes} does not match the manifest's {classes} classes")
-    if cfg.class_weighting not in WEIGHTING_MODES:
-        raise SegNetError(
-            f"unknown class weighting {cfg.class_weighting!r}; choose one of: {', '.join(WEIGHTING_MODES)}"
-        )
-    if cfg.compile not in COMPILE_CHOICES:
-        raise SegNetError(f"--compile {cfg.compile!r}: choose one of {', '.join(COMPILE_CHOICES)}")
-    if cfg.input not in INPUTS:
-        raise SegNetError(f"--input {cfg.input!r}: choose one of {', '.join(INPUTS)}")
-    if cfg.metric not in METRICS:
-        raise SegNetError(f"unknown metric {cfg.metric!r}; choose one of: {', '.join(METRICS)}")
-    if cfg.workers < 1 or cfg.batch_size % cfg.workers:
-        raise SegNetError(
-            f"--batch-size {cfg.batch_size} must be a positive multiple of --workers {cfg.workers}"
-        )
-    if cfg.epochs < 1 or cfg.lr <= 0:
-        raise SegNetError(f"--epochs must be >= 1 and --lr > 0, got {cfg.epochs} and {cfg.lr}")
     h, w = image_size(cfg, cfg.data)
     smallest = min_input_size(cfg.model)
     if h < smallest or w < smallest:
-        raise SegNetError(
-            f"--image-size {h}x{w} is too small for {cfg.model}: each side must be >= {smallest}"
-        )
-    if not 0 <= cfg.recompute <= 5:
-        raise SegNetError(f"--recompute {cfg.recompute}: choose 0 (off) to 5 resolution levels")
-    if cfg.recompute and cfg.model != "segnet":
-        raise SegNetError(f"--recompute applies to segnet only, not {cfg.model!r}")
-    if cfg.sync_bn and cfg.gpus_per_worker <= 0:
-        raise SegNetError(
-            "--sync-bn needs GPU workers (--gpus-per-worker > 0): SyncBatchNorm runs on CUDA only"
-        )
+        raise SegNetError(f"image_size {h}x{w} is too small for {cfg.model}: each side must be >= {smallest}")
     if cfg.vgg16_weights and not Path(cfg.vgg16_weights).is_file():
-        raise SegNetError(f"--vgg16-weights {cfg.vgg16_weights} does not exist")
+        raise SegNetError(f"vgg16_weights {cfg.vgg16_weights} does not exist")
     return manifest
 
 
@@ -389,8 +323,3 @@ def train(
     tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)
     tracking.end_run(uri, run_id)
     return best
-
-
-def config_from_args(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})

@@ -109,7 +109,7 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     segnet("prepare", "--source", camvid_dir, "--out", f"{bucket}/shards", "--limit", "8",
            "--shard-size", "4", "--workers", "1")  # fmt: skip
     tune = ["tune", "--data", f"{bucket}/shards", "--name", "search", "--num-samples", "2", "--epochs", "1",
-            "--image-size", "64x96", "--batch-size", "4", "--max-concurrent", "2", "--workers-per-trial", "1",
+            "--image-size", "64x96", "--batch-size", "4", "--max-concurrent", "2", "--workers", "1",
             "--loader-workers", "0", "--mlflow-uri", cluster["mlflow"]]  # fmt: skip
     submit = ["submit", "--address", cluster["dashboard"], "--storage", f"{bucket}/runs", "--"]
     assert "SUCCEEDED" in segnet(*submit, *tune, timeout=900)

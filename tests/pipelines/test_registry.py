@@ -187,7 +187,7 @@ def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for
 
 
 def test_a_new_run_prints_its_ui_address(tmp_path, capsys):
-    from pipelines.train import TrainConfig
+    from pipelines.config import TrainConfig
 
     (tmp_path / "manifest.json").write_text("{}")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

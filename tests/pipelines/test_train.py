@@ -9,8 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from data_prep import prepare
 from pipelines.checkpoint import load as load_checkpoint
+from pipelines.config import TrainConfig
 from pipelines.evaluate import evaluate
-from pipelines.train import TrainConfig, train
+from pipelines.train import train
 from segnet import SegNetError
 
 pytestmark = pytest.mark.slow
@@ -176,15 +177,15 @@ def test_channels_last_bf16_autocast_and_device_side_input_train(shards, tmp_pat
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model": "segnet-huge"}, "unknown model 'segnet-huge'"),
+        ({"model": "segnet-huge"}, "model 'segnet-huge': choose one of"),
         ({"data": "/nonexistent"}, "holds no manifest.json"),
         ({"image_size": "8x8"}, "too small for segnet-basic"),
         ({"workers": 3, "batch_size": 6}, "3 workers need 3 CPUs"),
-        ({"batch_size": 5}, "multiple of --workers"),
-        ({"class_weighting": "log"}, "unknown class weighting"),
+        ({"batch_size": 5}, "must be a multiple of workers 2"),
+        ({"class_weighting": "log"}, "class_weighting 'log': choose one of"),
         ({"sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
-        ({"compile": "yes"}, "--compile 'yes'"),
-        ({"input": "gpu"}, "--input 'gpu'"),
+        ({"compile": "yes"}, "compile 'yes': choose one of auto, on, off"),
+        ({"input": "gpu"}, "input 'gpu': choose one of"),
     ],
 )
 def test_bad_config_fails_before_any_worker_starts(shards, tmp_path, change, message):
@@ -209,4 +210,4 @@ def test_train_cli_bad_input_is_one_line(shards, tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: unknown model 'nope'")
+    assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: model 'nope': choose one of")
