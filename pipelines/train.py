@@ -27,7 +27,7 @@ from data_prep.augment import (
 from data_prep.device_augment import DeviceBatches
 from data_prep.shards import ShardReader, init_ray, manifest_id, read_manifest, verify_shards
 from pipelines import checkpoint as ckpt_io
-from pipelines import tracking
+from pipelines import console, tracking
 from pipelines.config import TrainConfig
 from pipelines.engine import compile_model, evaluate, scores, train_epoch, use_compile
 from pipelines.plots import display_image, save_confusion_matrix, save_curves, save_overlay
@@ -118,18 +118,7 @@ def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.d
 # ---------------------------------------------------------------- the per-worker loop
 
 
-def train_loop(config: dict) -> None:
-    import ray.train.torch
-
-    cfg = TrainConfig(**config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    size, num_classes = tuple(config["image_size"]), config["num_classes"]
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
+def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, device, world: int):
     model = model_from_meta({"config": asdict(cfg), "num_classes": num_classes}, vgg16_weights=True)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -139,67 +128,80 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
     )
-    start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restart after a failure, or --resume
-        with checkpoint.as_directory() as d:
-            meta = ckpt_io.restore(d, model, optimizer)
-            start, history = meta["epoch"] + 1, meta["history"]
-        if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start}", flush=True)
-    if use_compile(cfg.compile, device):
-        compile_model(model)
-    model = ray.train.torch.prepare_model(model)
-    net = model.module if hasattr(model, "module") else model
+    return model, optimizer
 
+
+def resume(model, optimizer, rank: int) -> tuple[int, list]:
+    """(first epoch, history so far): from the checkpoint Ray Train hands a restarted or resumed run."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        meta = ckpt_io.restore(d, model, optimizer)
+    if rank == 0:
+        print(f"resuming from the checkpoint of epoch {meta['epoch'] + 1}", flush=True)
+    return meta["epoch"] + 1, meta["history"]
+
+
+def train_loop(config: dict) -> None:
+    """Every worker runs this: prepare, then per epoch train, evaluate and report (rank 0 checkpoints)."""
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    console.quiet_worker()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    size, num_classes = tuple(config["image_size"]), config["num_classes"]
+    torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = True
+
+    net, optimizer = build_model_and_optimizer(cfg, num_classes, device, world)
+    start, history = resume(net, optimizer, rank)
+    if use_compile(cfg.compile, device):
+        compile_model(net)
+    model = ray.train.torch.prepare_model(net)  # DDP when world > 1; `net` stays the plain module
     weights = None if cfg.class_weighting == "none" else config["class_weights"][cfg.class_weighting]
     loss_fn = segmentation_loss(weights).to(device)
     loader, val_loader = input_batches(cfg, size, rank, world, device)
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        sampler = getattr(loader, "sampler", loader)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last)
+        getattr(getattr(loader, "sampler", loader), "set_epoch", lambda _: None)(epoch)
+        images = len(loader) * (cfg.batch_size // world) * world
+        with console.progress(images, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0) as advance:
+            stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last,
+                                progress=lambda n: advance(n * world))  # fmt: skip
         keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
         meter, examples = evaluate(net, val_loader, device, num_classes, cfg.amp, cfg.channels_last, keep)
         meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
-        cm = meter.matrix.cpu()
-        metrics = {
-            "epoch": epoch,
-            **stats,
-            **scores(meter),
-            "epoch_time_s": time.perf_counter() - t0,
-        }
+        metrics = {"epoch": epoch, **stats, **scores(meter), "epoch_time_s": time.perf_counter() - t0}
         history.append({k: v for k, v in metrics.items() if not k.startswith("val_iou_")})
+        report(config, cfg, metrics, history, net, optimizer, rank, meter.matrix.cpu(), examples)
+
+
+def report(config: dict, cfg: TrainConfig, metrics: dict, history: list, net, optimizer, rank: int, cm,
+           examples) -> None:  # fmt: skip
+    """One epoch's line, checkpoint (rank 0) and report to Ray Train; the PNGs after the last epoch."""
+    epoch = metrics["epoch"]
+    if rank == 0:
+        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+              f"G {metrics['val_global_accuracy']:.3f}  C {metrics['val_class_accuracy']:.3f}  "
+              f"mIoU {metrics['val_miou']:.3f}  BF {metrics['val_bf']:.3f}  "
+              f"{metrics['train_images_per_s']:.1f} img/s/worker  {metrics['epoch_time_s']:.0f} s",
+              flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
         if rank == 0:
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
-                f"G {metrics['val_global_accuracy']:.3f}  C {metrics['val_class_accuracy']:.3f}  "
-                f"mIoU {metrics['val_miou']:.3f}  BF {metrics['val_bf']:.3f}  "
-                f"{stats['train_images_per_s']:.1f} img/s/worker  {metrics['epoch_time_s']:.0f} s",
-                flush=True,
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                meta = {
-                    "config": asdict(cfg),
-                    "epoch": epoch,
-                    "num_classes": num_classes,
-                    "image_size": list(size),
-                    "manifest_sha256": config["manifest_sha256"],
-                    "metrics": metrics,
-                    "history": history,
-                    "mlflow_run_id": config["run_id"],
-                }
-                ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                if epoch == cfg.epochs - 1:
-                    log_final_artifacts(config, cm, history, examples)
-            finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
-            ray.train.report(finite, checkpoint=ckpt)
+            meta = {"config": asdict(cfg), "num_classes": config["num_classes"],
+                    "image_size": config["image_size"], "manifest_sha256": config["manifest_sha256"],
+                    "metrics": metrics, "history": history, "mlflow_run_id": config["run_id"]}  # fmt: skip
+            ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if epoch == cfg.epochs - 1:
+                log_final_artifacts(config, cm, history, examples)
+        finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
+        ray.train.report(finite, checkpoint=checkpoint)
 
 
 def log_final_artifacts(config: dict, cm, history, examples) -> None:
@@ -290,6 +292,8 @@ def train(
             name=name,
             storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines (worker group, checkpoints, reports) in its log files unless `segnet -v`
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if console.verbose() else "ERROR"),
             callbacks=[LogMetrics(uri, run_id), *(callbacks or [])],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,

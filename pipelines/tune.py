@@ -13,7 +13,7 @@ from pathlib import Path
 
 from data_prep import storage
 from data_prep.shards import init_ray, manifest_id
-from pipelines import registry, tracking
+from pipelines import console, registry, tracking
 from pipelines.config import TrainConfig, TuneConfig, build
 from pipelines.evaluate import evaluate
 from pipelines.train import check_config, train
@@ -65,7 +65,9 @@ def make_tuner(cfg: TuneConfig, name: str, param_space: dict, num_samples: int, 
             metric=cfg.train.metric, mode="max", num_samples=num_samples, scheduler=scheduler,
             max_concurrent_trials=cfg.max_concurrent,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.train.storage_path, stop=stop),
+        # Tune's status tables only with `segnet -v`: the trials' epoch lines and bars show progress.
+        run_config=tune.RunConfig(name=name, storage_path=cfg.train.storage_path, stop=stop,
+                                  verbose=1 if console.verbose() else 0),
     )  # fmt: skip
 
 
