@@ -208,23 +208,41 @@ def bench_train(
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loss_fn = segmentation_loss(manifest["class_weights"]["median_frequency"])
     loader = make_loader(
-        ShardDataset(shard_dir, "train", train_transform(Aug(*size), seed=seed)), batch_size, True, seed, 1,
+        ShardDataset(shard_dir, "train", train_transform(Aug(*size), seed=seed)),
+        batch_size,
+        True,
+        seed,
+        1,
         drop_last=True,
-    )  # fmt: skip
+    )
     device = torch.device("cpu")
-    plain = max((train_epoch(net, loader, loss_fn, optimizer, device) for _ in range(epochs)),
-                key=lambda stats: stats["train_images_per_s"])  # fmt: skip
-    figures = {"model": model, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch_size,
-               "plain_images_per_s": plain["train_images_per_s"],
-               "plain_data_wait_fraction": plain["data_wait_fraction"]}  # fmt: skip
+    plain = max(
+        (train_epoch(net, loader, loss_fn, optimizer, device) for _ in range(epochs)),
+        key=lambda stats: stats["train_images_per_s"],
+    )
+    figures = {
+        "model": model,
+        "image_size": f"{size[0]}x{size[1]}",
+        "batch_size": batch_size,
+        "plain_images_per_s": plain["train_images_per_s"],
+        "plain_data_wait_fraction": plain["data_wait_fraction"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
             cfg = TrainConfig(
-                data=str(shard_dir), model=model, workers=workers, cpus_per_worker=cpus // workers,
-                epochs=epochs, batch_size=batch_size, image_size=f"{size[0]}x{size[1]}", seed=seed,
-                storage_path=f"{tmp}/runs", mlflow_uri=f"sqlite:///{tmp}/bench.db", name=f"bench-{workers}",
+                data=str(shard_dir),
+                model=model,
+                workers=workers,
+                cpus_per_worker=cpus // workers,
+                epochs=epochs,
+                batch_size=batch_size,
+                image_size=f"{size[0]}x{size[1]}",
+                seed=seed,
+                storage_path=f"{tmp}/runs",
+                mlflow_uri=f"sqlite:///{tmp}/bench.db",
+                name=f"bench-{workers}",
                 keep_checkpoints=1,
-            )  # fmt: skip
+            )
             best = train(cfg)
             history = best["history"]
             fastest = max(history, key=lambda h: h["train_images_per_s"])
@@ -335,8 +353,12 @@ def measure_step(spec: dict) -> dict:
     with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same arithmetic
         step(flop_model)
     seconds = float(np.median(times))
-    return {"seconds_per_step": seconds, "flops_per_image": counter.get_total_flops() / spec["batch"],
-            "peak_memory_bytes": peak, "warmup_s": warmup}  # fmt: skip
+    return {
+        "seconds_per_step": seconds,
+        "flops_per_image": counter.get_total_flops() / spec["batch"],
+        "peak_memory_bytes": peak,
+        "warmup_s": warmup,
+    }
 
 
 def run_isolated(spec: dict, timeout: float | None = None) -> dict:
@@ -356,14 +378,27 @@ def mfu_figures(achieved: float, rate: dict) -> dict:
     machine), so no MFU is given, only the error."""
     mfu = achieved / rate["best"]
     if mfu > 1:
-        return {"mfu": None, "mfu_error": f"achieved {achieved:.3g} FLOP/s exceeds the measured matmul rate "
-                f"{rate['best']:.3g}: the rate was measured while the machine was busy; rerun"}  # fmt: skip
+        return {
+            "mfu": None,
+            "mfu_error": f"achieved {achieved:.3g} FLOP/s exceeds the measured matmul rate "
+            f"{rate['best']:.3g}: the rate was measured while the machine was busy; rerun",
+        }
     return {"mfu": mfu}
 
 
-def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 3, baseline: bool = False,
-                channels_last: bool = True, threads: int | None = None, recompute: int = 0,
-                amp: bool = False, compile: str | None = None) -> dict:  # fmt: skip
+def bench_model(
+    model: str,
+    size,
+    batch: int,
+    mode: str = "train",
+    steps: int = 3,
+    baseline: bool = False,
+    channels_last: bool = True,
+    threads: int | None = None,
+    recompute: int = 0,
+    amp: bool = False,
+    compile: str | None = None,
+) -> dict:
     """Step time, images/s, FLOPs, achieved FLOP/s, MFU against this machine's matmul rate (best of
     several bursts before and after the step, spread reported), and peak memory (CPU: resident-set
     growth of the step); with `baseline`, the plain reference in the same run."""
@@ -372,25 +407,47 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     threads = threads or torch.get_num_threads()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if amp else torch.float32
-    spec = {"device": device, "model": model, "size": tuple(size), "batch": batch, "mode": mode,
-            "steps": steps, "threads": threads, "amp": amp}  # fmt: skip
+    spec = {
+        "device": device,
+        "model": model,
+        "size": tuple(size),
+        "batch": batch,
+        "mode": mode,
+        "steps": steps,
+        "threads": threads,
+        "amp": amp,
+    }
     before = matmul_rate(dtype, device)
-    ours = run_isolated({**spec, "reference": False, "channels_last": channels_last, "recompute": recompute,
-                         "compile": compile})  # fmt: skip
+    ours = run_isolated(
+        {
+            **spec,
+            "reference": False,
+            "channels_last": channels_last,
+            "recompute": recompute,
+            "compile": compile,
+        }
+    )
     after = matmul_rate(dtype, device)
     rate = {"best": max(before["best"], after["best"]), "worst": min(before["worst"], after["worst"])}
     achieved = ours["flops_per_image"] * batch / ours["seconds_per_step"]
     figures = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "model": model, "mode": mode, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
-        "threads": threads, "channels_last": channels_last, "recompute": recompute, "compile": compile,
-        "precision": "bf16 autocast" if amp else "fp32", **ours,
+        "model": model,
+        "mode": mode,
+        "image_size": f"{size[0]}x{size[1]}",
+        "batch_size": batch,
+        "threads": threads,
+        "channels_last": channels_last,
+        "recompute": recompute,
+        "compile": compile,
+        "precision": "bf16 autocast" if amp else "fp32",
+        **ours,
         "images_per_s": batch / ours["seconds_per_step"],
         "achieved_flops_per_s": achieved,
         "matmul_flops_per_s": rate["best"],
         "matmul_spread": rate["worst"] / rate["best"],
         **mfu_figures(achieved, rate),
-    }  # fmt: skip
+    }
     if baseline:
         ref = run_isolated({**spec, "reference": True, "channels_last": False})
         figures["baseline_images_per_s"] = batch / ref["seconds_per_step"]
@@ -400,8 +457,13 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     return figures
 
 
-def bench_serve(url: str, image: str | Path, clients: int = 8, requests_per_client: int = 25,
-                plot: str | Path | None = None) -> dict:  # fmt: skip
+def bench_serve(
+    url: str,
+    image: str | Path,
+    clients: int = 8,
+    requests_per_client: int = 25,
+    plot: str | Path | None = None,
+) -> dict:
     """N concurrent clients, each posting the image `requests_per_client` times to a running `segnet serve`
     over HTTP: requests/s, latency percentiles, errors (any answer but 200), and a latency plot."""
     from concurrent.futures import ThreadPoolExecutor

@@ -40,8 +40,16 @@ def cmd_models(a) -> None:
 def cmd_prepare(a) -> None:
     from data_prep.shards import prepare
 
-    prepare(a.source, a.out, shard_size=a.shard_size, limit=a.limit, workers=a.workers, force=a.force,
-            address=a.address, compression=a.compression)  # fmt: skip
+    prepare(
+        a.source,
+        a.out,
+        shard_size=a.shard_size,
+        limit=a.limit,
+        workers=a.workers,
+        force=a.force,
+        address=a.address,
+        compression=a.compression,
+    )
 
 
 def cmd_download(a) -> None:
@@ -154,8 +162,18 @@ def cmd_serve(a) -> None:
     from pipelines.serve import start
     from pipelines.tracking import tracking_uri
 
-    url = start(tracking_uri(a.mlflow_uri), a.model, a.host, a.port, a.replicas, a.max_batch_size,
-                a.batch_wait_ms, a.poll, a.address, a.cpus_per_replica)  # fmt: skip
+    url = start(
+        tracking_uri(a.mlflow_uri),
+        a.model,
+        a.host,
+        a.port,
+        a.replicas,
+        a.max_batch_size,
+        a.batch_wait_ms,
+        a.poll,
+        a.address,
+        a.cpus_per_replica,
+    )
     print(f"try: curl -s --data-binary @IMAGE.png -H 'Content-Type: image/png' '{url}/predict?format=json'")
     try:
         while True:
@@ -211,9 +229,18 @@ def cmd_bench_model(a) -> None:
     from data_prep.augment import parse_size
     from pipelines.bench import bench_model
 
-    figures = bench_model(a.model, parse_size(a.image_size), a.batch_size, a.mode, a.steps, a.baseline,
-                          not a.no_channels_last, recompute=a.recompute, amp=a.amp,
-                          compile=a.compile)  # fmt: skip
+    figures = bench_model(
+        a.model,
+        parse_size(a.image_size),
+        a.batch_size,
+        a.mode,
+        a.steps,
+        a.baseline,
+        not a.no_channels_last,
+        recompute=a.recompute,
+        amp=a.amp,
+        compile=a.compile,
+    )
     show(figures, a.json)
 
 
@@ -230,9 +257,15 @@ def cmd_bench_serve(a) -> None:
         from pipelines.serve import start
         from pipelines.tracking import tracking_uri
 
-        url = start(tracking_uri(a.mlflow_uri), a.model, port=a.port, replicas=a.replicas,
-                    max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms,
-                    cpus_per_replica=a.cpus_per_replica)  # fmt: skip
+        url = start(
+            tracking_uri(a.mlflow_uri),
+            a.model,
+            port=a.port,
+            replicas=a.replicas,
+            max_batch_size=a.max_batch_size,
+            batch_wait_ms=a.batch_wait_ms,
+            cpus_per_replica=a.cpus_per_replica,
+        )
     try:
         figures = bench_serve(url, a.image or found[0], a.clients, a.requests, a.plot)
     finally:
@@ -452,8 +485,13 @@ def build_parser(name: str):
     help, _, options, *rest = COMMANDS[name]
     cls, defaults = (rest + [None, None])[:2]
     files = [str(config.CONFIGS / defaults)] if defaults else []
-    p = ArgumentParser(prog=f"segnet {name}", description=help, exit_on_error=False,
-                       print_config="--print_config", default_config_files=files)  # fmt: skip
+    p = ArgumentParser(
+        prog=f"segnet {name}",
+        description=help,
+        exit_on_error=False,
+        print_config="--print_config",
+        default_config_files=files,
+    )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of settings (profiles: configs/)")
     if cls:
         p.add_class_arguments(getattr(config, cls), nested_key=None, as_group=False)

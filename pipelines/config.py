@@ -162,11 +162,21 @@ class Table1Config:
 
     tune: TuneConfig = field(
         default_factory=lambda: TuneConfig(
-            train=TrainConfig(data="shards", epochs=20, workers=1, keep_checkpoints=1, image_size="90x120",
-                              metric="val_global_accuracy", experiment="segnet-table1"),
-            scheduler="fifo", lr_min=0.1, lr_max=0.1, class_weighting=["median_frequency", "none"],
+            train=TrainConfig(
+                data="shards",
+                epochs=20,
+                workers=1,
+                keep_checkpoints=1,
+                image_size="90x120",
+                metric="val_global_accuracy",
+                experiment="segnet-table1",
+            ),
+            scheduler="fifo",
+            lr_min=0.1,
+            lr_max=0.1,
+            class_weighting=["median_frequency", "none"],
         )
-    )  # fmt: skip
+    )
     variants: list[str] = field(
         default_factory=lambda: ["segnet-basic", "fcn-basic", "bilinear-interpolation"]
     )

@@ -30,9 +30,16 @@ def inference_ms(model: str, size: tuple[int, int], steps: int) -> float:
     """Milliseconds per image, batch 1, on this machine (the paper's Table 1 column)."""
     import torch
 
-    spec = {"model": model, "size": size, "batch": 1, "mode": "infer", "steps": steps,
-            "threads": torch.get_num_threads(),
-            "reference": False, "channels_last": True}  # fmt: skip
+    spec = {
+        "model": model,
+        "size": size,
+        "batch": 1,
+        "mode": "infer",
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "reference": False,
+        "channels_last": True,
+    }
     return 1000 * measure_step(spec)["seconds_per_step"]
 
 
@@ -48,8 +55,13 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
         check_config(trial_config(cfg.tune, lr, modes[0], "check", v))
     uri = tracking.tracking_uri(train_cfg.mlflow_uri)
     name = train_cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train_cfg = replace(train_cfg, mlflow_uri=uri, data=storage.absolute(train_cfg.data),
-                        storage_path=storage.absolute(train_cfg.storage_path), name=name)  # fmt: skip
+    train_cfg = replace(
+        train_cfg,
+        mlflow_uri=uri,
+        data=storage.absolute(train_cfg.data),
+        storage_path=storage.absolute(train_cfg.storage_path),
+        name=name,
+    )
     search = replace(cfg.tune, train=train_cfg, num_samples=1)
     init_ray(train_cfg.address)
     check_resources(trial_config(search, lr, modes[0], "check"))  # e.g. the paper profile without GPUs
@@ -63,9 +75,13 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
     )
 
     param_space = {
-        "model": tune.grid_search(variants), "class_weighting": tune.grid_search(modes), "lr": lr,
-        "search": asdict(search), "search_name": name, "parent_run_id": parent,
-    }  # fmt: skip
+        "model": tune.grid_search(variants),
+        "class_weighting": tune.grid_search(modes),
+        "lr": lr,
+        "search": asdict(search),
+        "search_name": name,
+        "parent_run_id": parent,
+    }
     stop = (
         TrialPlateauStopper("train_loss", std=0.002, num_results=10, grace_period=50, mode="min")
         if cfg.converge
@@ -89,20 +105,37 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
         checkpoint = storage.uri(filesystem, best["checkpoint_path"])
         test = evaluate(checkpoint, train_cfg.data, "test")
         run_id = json.loads(storage.read_bytes(storage.join(checkpoint, "meta.json")))["mlflow_run_id"]
-        tracking.log_metrics(uri, run_id, {f"test_{k}": test[k] for k in ("global_accuracy", "class_accuracy",
-                                                                         "miou", "bf")}, step=0)  # fmt: skip
-        rows.append({
-            "variant": model, "balancing": mode, "epochs": int(df["epoch"].max()) + 1,
-            "best_epoch": int(best["epoch"]) + 1, "val_G": 100 * float(best[train_cfg.metric]),
-            "G": 100 * test["global_accuracy"], "C": 100 * test["class_accuracy"], "mIoU": 100 * test["miou"],
-            "BF": 100 * test["bf"], "mlflow_run_id": run_id, "checkpoint": checkpoint,
-        })  # fmt: skip
+        tracking.log_metrics(
+            uri,
+            run_id,
+            {f"test_{k}": test[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")},
+            step=0,
+        )
+        rows.append(
+            {
+                "variant": model,
+                "balancing": mode,
+                "epochs": int(df["epoch"].max()) + 1,
+                "best_epoch": int(best["epoch"]) + 1,
+                "val_G": 100 * float(best[train_cfg.metric]),
+                "G": 100 * test["global_accuracy"],
+                "C": 100 * test["class_accuracy"],
+                "mIoU": 100 * test["miou"],
+                "BF": 100 * test["bf"],
+                "mlflow_run_id": run_id,
+                "checkpoint": checkpoint,
+            }
+        )
     info = {
-        "profile": cfg.profile, "image_size": train_cfg.image_size, "epochs": train_cfg.epochs,
-        "infer_size": cfg.infer_size, "minutes": (time.perf_counter() - t0) / 60, "name": name,
+        "profile": cfg.profile,
+        "image_size": train_cfg.image_size,
+        "epochs": train_cfg.epochs,
+        "infer_size": cfg.infer_size,
+        "minutes": (time.perf_counter() - t0) / 60,
+        "name": name,
         "workers_per_trial": train_cfg.workers,
         "test_images": read_manifest(train_cfg.data)["splits"]["test"]["num_images"],
-    }  # fmt: skip
+    }
     out = storage.absolute(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:  # a bucket gets a copy of the report written here
         report = write_report(rows, variants, modes, infer, info, Path(tmp if storage.is_uri(out) else out))
@@ -141,16 +174,26 @@ def check_conclusions(table: dict) -> list[dict]:
         for m in {m for _, m in pairs}:
             mine = [table[v][m] for v, mode in pairs if mode == m]
             mean_wins &= all(sum(s[i] for s in mine) / len(mine) > base[m][i] for i in range(4))
-        out.append({"claim": 1, "verdict": mean_wins,
-                    "detail": f"the learned decoders' mean beats bilinear on every measure: {mean_wins}; "
-                              f"{wins} of {4 * len(pairs)} single comparisons won"})  # fmt: skip
+        out.append(
+            {
+                "claim": 1,
+                "verdict": mean_wins,
+                "detail": f"the learned decoders' mean beats bilinear on every measure: {mean_wins}; "
+                f"{wins} of {4 * len(pairs)} single comparisons won",
+            }
+        )
     # 2. SegNet-Basic about as good as FCN-Basic (within 2 points of G and mIoU) while storing only indices.
     modes = [m for m in table.get("segnet-basic", {}) if m in table.get("fcn-basic", {})]
     if not modes:
         out.append({"claim": 2, "verdict": None, "detail": "needs segnet-basic and fcn-basic"})
     else:
-        gaps = {m: (table["segnet-basic"][m][0] - table["fcn-basic"][m][0],
-                    table["segnet-basic"][m][2] - table["fcn-basic"][m][2]) for m in modes}  # fmt: skip
+        gaps = {
+            m: (
+                table["segnet-basic"][m][0] - table["fcn-basic"][m][0],
+                table["segnet-basic"][m][2] - table["fcn-basic"][m][2],
+            )
+            for m in modes
+        }
         ok = all(g >= -2.0 and i >= -2.0 for g, i in gaps.values())
         detail = "; ".join(f"{BALANCING[m]}: G {g:+.1f}, mIoU {i:+.1f} points" for m, (g, i) in gaps.items())
         out.append({"claim": 2, "verdict": ok, "detail": f"SegNet-Basic minus FCN-Basic, {detail}"})
@@ -162,22 +205,33 @@ def check_conclusions(table: dict) -> list[dict]:
         dc = [table[v]["median_frequency"][1] - table[v]["none"][1] for v in both]
         di = [table[v]["median_frequency"][2] - table[v]["none"][2] for v in both]
         ok = sum(dc) > 0 and sum(di) > 0
-        out.append({"claim": 3, "verdict": ok,
-                    "detail": f"mean change C {sum(dc) / len(dc):+.1f}, mIoU {sum(di) / len(di):+.1f} "
-                              "points; "
-                              f"C up in {sum(d > 0 for d in dc)} of {len(dc)} variants, mIoU up in "
-                              f"{sum(d > 0 for d in di)} of {len(di)}"})  # fmt: skip
+        out.append(
+            {
+                "claim": 3,
+                "verdict": ok,
+                "detail": f"mean change C {sum(dc) / len(dc):+.1f}, mIoU {sum(di) / len(di):+.1f} "
+                "points; "
+                f"C up in {sum(d > 0 for d in dc)} of {len(dc)} variants, mIoU up in "
+                f"{sum(d > 0 for d in di)} of {len(di)}",
+            }
+        )
     return out
 
 
 CLAIMS = {
-    1: ("Learned decoders beat bilinear interpolation on every measure",
-        "the learned decoders' mean G, C, mIoU and BF each above bilinear's, in every balancing mode run"),
-    2: ("SegNet-Basic performs about as well as FCN-Basic while storing only the pooling indices",
-        "SegNet-Basic's G and mIoU no more than 2 points below FCN-Basic's, storage 1 against 11"),
-    3: ("Median-frequency balancing raises class average accuracy (C) and mIoU over natural frequency",
-        "C and mIoU, averaged over the variants run, higher with median frequency"),
-}  # fmt: skip
+    1: (
+        "Learned decoders beat bilinear interpolation on every measure",
+        "the learned decoders' mean G, C, mIoU and BF each above bilinear's, in every balancing mode run",
+    ),
+    2: (
+        "SegNet-Basic performs about as well as FCN-Basic while storing only the pooling indices",
+        "SegNet-Basic's G and mIoU no more than 2 points below FCN-Basic's, storage 1 against 11",
+    ),
+    3: (
+        "Median-frequency balancing raises class average accuracy (C) and mIoU over natural frequency",
+        "C and mIoU, averaged over the variants run, higher with median frequency",
+    ),
+}
 
 
 def verdict(v: bool | None) -> str:
@@ -189,8 +243,19 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     ours = ours_table(rows)
-    header = ["variant", "paper_name", "params_m", "paper_params_m", "storage", "paper_storage", "infer_ms",
-              "paper_infer_ms", "balancing", "epochs", "best_epoch"]  # fmt: skip
+    header = [
+        "variant",
+        "paper_name",
+        "params_m",
+        "paper_params_m",
+        "storage",
+        "paper_storage",
+        "infer_ms",
+        "paper_infer_ms",
+        "balancing",
+        "epochs",
+        "best_epoch",
+    ]
     header += [f"{w}{m}" for m in MEASURES for w in ("", "paper_")]
     lines = []
     for v in variants:
@@ -198,9 +263,19 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
         paper = PAPER_TABLE1[v]
         for m in modes:
             row = next(r for r in rows if r["variant"] == v and r["balancing"] == m)
-            values = [v, paper["paper_name"], count_parameters(model) / 1e6, paper["params_m"],
-                      model.storage_multiplier, paper["storage"], infer[v], paper["infer_ms"], m,
-                      row["epochs"], row["best_epoch"]]  # fmt: skip
+            values = [
+                v,
+                paper["paper_name"],
+                count_parameters(model) / 1e6,
+                paper["params_m"],
+                model.storage_multiplier,
+                paper["storage"],
+                infer[v],
+                paper["infer_ms"],
+                m,
+                row["epochs"],
+                row["best_epoch"],
+            ]
             for i, k in enumerate(MEASURES):
                 values += [row[k], paper[m][i]]
             lines.append(dict(zip(header, values)))
@@ -223,9 +298,12 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
         "",
     ]
     for m in modes:
-        md += [f"## {BALANCING[m]} balancing", "",
-               "| variant | params (M) | storage | infer ms | epochs (best) | G | C | mIoU | BF |",
-               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        md += [
+            f"## {BALANCING[m]} balancing",
+            "",
+            "| variant | params (M) | storage | infer ms | epochs (best) | G | C | mIoU | BF |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for line in (x for x in lines if x["balancing"] == m):
             storage = "n/a" if line["paper_storage"] is None else line["paper_storage"]
             md.append(
@@ -241,9 +319,12 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
     for ours_c, paper_c in zip(check_conclusions(ours), check_conclusions(paper_table)):
         n = ours_c["claim"]
         claim, criterion = CLAIMS[n]
-        md += [f"{n}. **{claim}**: {verdict(ours_c['verdict'])} here (criterion: {criterion}).",
-               f"   Ours: {ours_c['detail']}.",
-               f"   The paper's figures for the same variants: {paper_c['detail']}.", ""]  # fmt: skip
+        md += [
+            f"{n}. **{claim}**: {verdict(ours_c['verdict'])} here (criterion: {criterion}).",
+            f"   Ours: {ours_c['detail']}.",
+            f"   The paper's figures for the same variants: {paper_c['detail']}.",
+            "",
+        ]
     md += ["![test mIoU and BF per variant, ours beside the paper's](table1.png)", ""]
     (tmp / "table1.md").write_text("\n".join(md))
     (tmp / "table1.json").write_text(json.dumps({"info": info, "rows": lines}, indent=2))

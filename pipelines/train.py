@@ -103,8 +103,16 @@ def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.d
     per_worker = cfg.batch_size // world
     if cfg.input == "device" or (cfg.input == "auto" and device.type == "cuda"):
         common = {"rank": rank, "world": world, "device": device}
-        train = DeviceBatches.from_shards(cfg.data, "train", per_worker, size, augment=AugmentConfig(*size),
-                                          seed=cfg.seed, drop_last=True, **common)  # fmt: skip
+        train = DeviceBatches.from_shards(
+            cfg.data,
+            "train",
+            per_worker,
+            size,
+            augment=AugmentConfig(*size),
+            seed=cfg.seed,
+            drop_last=True,
+            **common,
+        )
         return train, DeviceBatches.from_shards(cfg.data, "val", per_worker, size, **common)
     train_ds = ShardDataset(
         cfg.data, "train", train_transform(AugmentConfig(*size), seed=cfg.seed), verify=False
@@ -170,8 +178,16 @@ def train_loop(config: dict) -> None:
         getattr(getattr(loader, "sampler", loader), "set_epoch", lambda _: None)(epoch)
         images = len(loader) * (cfg.batch_size // world) * world
         with console.progress(images, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0) as advance:
-            stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last,
-                                progress=lambda n: advance(n * world))  # fmt: skip
+            stats = train_epoch(
+                model,
+                loader,
+                loss_fn,
+                optimizer,
+                device,
+                cfg.amp,
+                cfg.channels_last,
+                progress=lambda n: advance(n * world),
+            )
         keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
         meter, examples = evaluate(net, val_loader, device, num_classes, cfg.amp, cfg.channels_last, keep)
         meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
@@ -180,22 +196,31 @@ def train_loop(config: dict) -> None:
         report(config, cfg, metrics, history, net, optimizer, rank, meter.matrix.cpu(), examples)
 
 
-def report(config: dict, cfg: TrainConfig, metrics: dict, history: list, net, optimizer, rank: int, cm,
-           examples) -> None:  # fmt: skip
+def report(
+    config: dict, cfg: TrainConfig, metrics: dict, history: list, net, optimizer, rank: int, cm, examples
+) -> None:
     """One epoch's line, checkpoint (rank 0) and report to Ray Train; the PNGs after the last epoch."""
     epoch = metrics["epoch"]
     if rank == 0:
-        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
-              f"G {metrics['val_global_accuracy']:.3f}  C {metrics['val_class_accuracy']:.3f}  "
-              f"mIoU {metrics['val_miou']:.3f}  BF {metrics['val_bf']:.3f}  "
-              f"{metrics['train_images_per_s']:.1f} img/s/worker  {metrics['epoch_time_s']:.0f} s",
-              flush=True)  # fmt: skip
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"G {metrics['val_global_accuracy']:.3f}  C {metrics['val_class_accuracy']:.3f}  "
+            f"mIoU {metrics['val_miou']:.3f}  BF {metrics['val_bf']:.3f}  "
+            f"{metrics['train_images_per_s']:.1f} img/s/worker  {metrics['epoch_time_s']:.0f} s",
+            flush=True,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            meta = {"config": asdict(cfg), "num_classes": config["num_classes"],
-                    "image_size": config["image_size"], "manifest_sha256": config["manifest_sha256"],
-                    "metrics": metrics, "history": history, "mlflow_run_id": config["run_id"]}  # fmt: skip
+            meta = {
+                "config": asdict(cfg),
+                "num_classes": config["num_classes"],
+                "image_size": config["image_size"],
+                "manifest_sha256": config["manifest_sha256"],
+                "metrics": metrics,
+                "history": history,
+                "mlflow_run_id": config["run_id"],
+            }
             ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if epoch == cfg.epochs - 1:
@@ -302,8 +327,11 @@ def train(
             ),
         ),
     )
-    print(f"training {cfg.model} on {cfg.data} with {cfg.workers} workers at {size[0]}x{size[1]}; "
-          f"run {name}, MLflow run {run_id} in {uri}", flush=True)  # fmt: skip
+    print(
+        f"training {cfg.model} on {cfg.data} with {cfg.workers} workers at {size[0]}x{size[1]}; "
+        f"run {name}, MLflow run {run_id} in {uri}",
+        flush=True,
+    )
     try:
         result = trainer.fit()
     except Exception as e:

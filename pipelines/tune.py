@@ -62,13 +62,17 @@ def make_tuner(cfg: TuneConfig, name: str, param_space: dict, num_samples: int, 
         trainable(),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=cfg.train.metric, mode="max", num_samples=num_samples, scheduler=scheduler,
+            metric=cfg.train.metric,
+            mode="max",
+            num_samples=num_samples,
+            scheduler=scheduler,
             max_concurrent_trials=cfg.max_concurrent,
         ),
         # Tune's status tables only with `segnet -v`: the trials' epoch lines and bars show progress.
-        run_config=tune.RunConfig(name=name, storage_path=cfg.train.storage_path, stop=stop,
-                                  verbose=1 if console.verbose() else 0),
-    )  # fmt: skip
+        run_config=tune.RunConfig(
+            name=name, storage_path=cfg.train.storage_path, stop=stop, verbose=1 if console.verbose() else 0
+        ),
+    )
 
 
 def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
@@ -96,8 +100,12 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
         uri = tracking.tracking_uri(train_cfg.mlflow_uri)
         # Trials run in other processes (and, on a cluster, other machines): give them absolute paths.
         name = train_cfg.name or f"search-{train_cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg = replace(cfg, train=replace(train_cfg, mlflow_uri=uri, data=storage.absolute(train_cfg.data),
-                                         storage_path=root, name=name))  # fmt: skip
+        cfg = replace(
+            cfg,
+            train=replace(
+                train_cfg, mlflow_uri=uri, data=storage.absolute(train_cfg.data), storage_path=root, name=name
+            ),
+        )
         init_ray(cfg.train.address)
         parent = tracking.start_run(
             uri, cfg.train.experiment, name, cfg, cfg.train.data, manifest_id(cfg.train.data)
@@ -138,15 +146,17 @@ def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: str, lo
             continue
         df = r.metrics_dataframe.dropna(subset=[metric])
         best = df.loc[df[metric].idxmax()]
-        rows.append({
-            "trial": r.metrics.get("trial_id", Path(r.path).name),
-            "lr": r.config["lr"],
-            "class_weighting": r.config["class_weighting"],
-            "epochs": int(df["epoch"].max()) + 1,
-            metric: float(best[metric]),
-            "checkpoint": storage.uri(filesystem, best.get("checkpoint_path")),
-            "error": str(r.error).splitlines()[0] if r.error else "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": r.metrics.get("trial_id", Path(r.path).name),
+                "lr": r.config["lr"],
+                "class_weighting": r.config["class_weighting"],
+                "epochs": int(df["epoch"].max()) + 1,
+                metric: float(best[metric]),
+                "checkpoint": storage.uri(filesystem, best.get("checkpoint_path")),
+                "error": str(r.error).splitlines()[0] if r.error else "",
+            }
+        )
     if not rows:
         raise SegNetError(f"no trial of search {path} reported {metric}")
     rows.sort(key=lambda r: r[metric], reverse=True)
@@ -161,15 +171,29 @@ def finish_search(cfg: TuneConfig, results, uri: str, parent: str, path: str, lo
     log("test: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     meta = json.loads(storage.read_bytes(storage.join(best["checkpoint"], "meta.json")))
     tracking.log_metrics(uri, parent, {f"best_test_{k}": v for k, v in metrics.items()}, step=0)
-    tracking.set_tags(uri, parent, {"best_trial": best["trial"], "best_lr": best["lr"],
-                                    "best_class_weighting": best["class_weighting"],
-                                    "best_checkpoint": best["checkpoint"]})  # fmt: skip
+    tracking.set_tags(
+        uri,
+        parent,
+        {
+            "best_trial": best["trial"],
+            "best_lr": best["lr"],
+            "best_class_weighting": best["class_weighting"],
+            "best_checkpoint": best["checkpoint"],
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:  # the registry logs from a local copy of the checkpoint
         storage.copy_folder(best["checkpoint"], tmp)
         tracking.log_artifacts(uri, meta["mlflow_run_id"], Path(tmp) / "eval-test", "eval-test")
         reg = registry.register(
-            uri, cfg.register_as, tmp, metrics, meta["manifest_sha256"], meta["mlflow_run_id"],
-            cfg.force_alias, log, source=best["checkpoint"],
-        )  # fmt: skip
+            uri,
+            cfg.register_as,
+            tmp,
+            metrics,
+            meta["manifest_sha256"],
+            meta["mlflow_run_id"],
+            cfg.force_alias,
+            log,
+            source=best["checkpoint"],
+        )
     tracking.end_run(uri, parent)
     return {"search": str(path), "trials": rows, "best": best, "test": metrics, "registered": reg}

@@ -101,16 +101,53 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     tree_before = _tree_status()
 
     def segnet(*args, timeout=300):
-        r = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True,
-                           text=True, timeout=timeout, cwd=client, env=env)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=client,
+            env=env,
+        )
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         return r.stdout + r.stderr
 
-    segnet("prepare", "--source", camvid_dir, "--out", f"{bucket}/shards", "--limit", "8",
-           "--shard-size", "4", "--workers", "1")  # fmt: skip
-    tune = ["tune", "--data", f"{bucket}/shards", "--name", "search", "--num-samples", "2", "--epochs", "1",
-            "--image-size", "64x96", "--batch-size", "4", "--max-concurrent", "2", "--workers", "1",
-            "--loader-workers", "0", "--mlflow-uri", cluster["mlflow"]]  # fmt: skip
+    segnet(
+        "prepare",
+        "--source",
+        camvid_dir,
+        "--out",
+        f"{bucket}/shards",
+        "--limit",
+        "8",
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+    )
+    tune = [
+        "tune",
+        "--data",
+        f"{bucket}/shards",
+        "--name",
+        "search",
+        "--num-samples",
+        "2",
+        "--epochs",
+        "1",
+        "--image-size",
+        "64x96",
+        "--batch-size",
+        "4",
+        "--max-concurrent",
+        "2",
+        "--workers",
+        "1",
+        "--loader-workers",
+        "0",
+        "--mlflow-uri",
+        cluster["mlflow"],
+    ]
     submit = ["submit", "--address", cluster["dashboard"], "--storage", f"{bucket}/runs", "--"]
     assert "SUCCEEDED" in segnet(*submit, *tune, timeout=900)
     # both nodes ran training workers, and each checked the shards once into its own cache
@@ -126,8 +163,18 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     images = sorted((camvid_dir / "test").iterdir())[:2]
     for i, image in enumerate(images):  # a bucket prefix of images, one in a sub-prefix
         storage.write_bytes(f"{bucket}/images/{'sub/' * i}{image.name}", image.read_bytes())
-    out = segnet("predict", "--model", "models:/segnet-camvid@champion", "--input", f"{bucket}/images",
-                 "--output", f"{bucket}/labels", "--overlay", "--mlflow-uri", cluster["mlflow"])  # fmt: skip
+    out = segnet(
+        "predict",
+        "--model",
+        "models:/segnet-camvid@champion",
+        "--input",
+        f"{bucket}/images",
+        "--output",
+        f"{bucket}/labels",
+        "--overlay",
+        "--mlflow-uri",
+        cluster["mlflow"],
+    )
     assert "images/s" in out
     assert storage.exists(f"{bucket}/labels/{images[0].name}")
     assert storage.exists(f"{bucket}/labels/sub/{images[1].stem}_overlay.png")

@@ -15,9 +15,12 @@ from pipelines import cli
 from pipelines.config import CONFIGS, RunConfig, Table1Config, TrainConfig, TuneConfig, from_file
 from pipelines.tracking import flatten
 
-CONFIG_COMMANDS = {"train": TrainConfig(), "tune": TuneConfig(),
-                   "run": from_file(RunConfig, CONFIGS / "small.yaml"),
-                   "experiment table1": from_file(Table1Config, CONFIGS / "table1-cpu.yaml")}  # fmt: skip
+CONFIG_COMMANDS = {
+    "train": TrainConfig(),
+    "tune": TuneConfig(),
+    "run": from_file(RunConfig, CONFIGS / "small.yaml"),
+    "experiment table1": from_file(Table1Config, CONFIGS / "table1-cpu.yaml"),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -116,12 +119,14 @@ def test_table1_profiles_are_table1_configs(name):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("epochs: 5\nbogus: 1\n", "'bogus' is not accepted"),
-     ("epochs: five\n", 'Parser key "epochs": Expected a <class \'int\'>. Got value: five'),
-     ("epochs: 0\n", "epochs 0: must be at least 1"),
-     ("model: segnet-xl\n", "model 'segnet-xl': choose one of"),
-     ("epochs: !!python/object/apply:os.system ['touch PWNED']\n", "could not determine a constructor")],
-)  # fmt: skip
+    [
+        ("epochs: 5\nbogus: 1\n", "'bogus' is not accepted"),
+        ("epochs: five\n", "Parser key \"epochs\": Expected a <class 'int'>. Got value: five"),
+        ("epochs: 0\n", "epochs 0: must be at least 1"),
+        ("model: segnet-xl\n", "model 'segnet-xl': choose one of"),
+        ("epochs: !!python/object/apply:os.system ['touch PWNED']\n", "could not determine a constructor"),
+    ],
+)
 def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, text, message):
     file = tmp_path / "bad.yaml"
     file.write_text(text)
@@ -141,8 +146,15 @@ def test_nested_config_errors_name_the_nested_key(tmp_path):
 def test_dashes_prefixes_and_bare_flags_are_accepted():
     parser = cli.build_parser("tune")
     argv = cli.normalize(["--batch-size", "6", "--amp", "--no-channels-last", "--num-samples=3"], parser)
-    assert argv == ["--train.batch_size", "6", "--train.amp", "true", "--train.channels_last", "false",
-                    "--num_samples=3"]  # fmt: skip
+    assert argv == [
+        "--train.batch_size",
+        "6",
+        "--train.amp",
+        "true",
+        "--train.channels_last",
+        "false",
+        "--num_samples=3",
+    ]
 
 
 def test_unknown_command_shows_the_commands():

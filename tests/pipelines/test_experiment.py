@@ -52,21 +52,26 @@ def test_unknown_variant_is_refused_by_name():
 def profile(name: str, tmp_path, **train) -> Table1Config:
     """A Table 1 profile from configs/, writing into tmp_path."""
     train = {"storage_path": str(tmp_path / "runs"), "mlflow_uri": f"sqlite:///{tmp_path}/m.db", **train}
-    return from_file(Table1Config, CONFIGS / f"table1-{name}.yaml", out=str(tmp_path / "report"),
-                     tune={"train": train})  # fmt: skip
+    return from_file(
+        Table1Config, CONFIGS / f"table1-{name}.yaml", out=str(tmp_path / "report"), tune={"train": train}
+    )
 
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--variants", "[segnet-basic,segnet-huge]"], "variants 'segnet-huge'"),
-     (["--class-weighting", "[inverse_frequency]"], "choose one of median_frequency, none"),
-     (["--config", "configs/huge.yaml"], "does not exist")],
-)  # fmt: skip
+    [
+        (["--variants", "[segnet-basic,segnet-huge]"], "variants 'segnet-huge'"),
+        (["--class-weighting", "[inverse_frequency]"], "choose one of median_frequency, none"),
+        (["--config", "configs/huge.yaml"], "does not exist"),
+    ],
+)
 def test_cli_refuses_a_bad_grid_before_starting_anything(args, message, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "experiment", "table1", "--data", str(tmp_path / "x"), *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "x").exists()  # nothing prepared, nothing written
 
@@ -122,8 +127,10 @@ def test_smoke_profile_reports_figures_that_came_from_the_run(shards, tmp_path):
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "table1")} >= {
-        "table1/table1.md", "table1/table1.csv", "table1/table1.png"
-    }  # fmt: skip
+        "table1/table1.md",
+        "table1/table1.csv",
+        "table1/table1.png",
+    }
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )

@@ -30,8 +30,16 @@ def shards(camvid_dir, ray_local, tmp_path_factory):
 
 def _cfg(shards, tmp, **kw) -> TuneConfig:
     """A small search; keywords of TrainConfig go to the trials' settings, the others to the search's."""
-    train = dict(data=str(shards), epochs=1, image_size="64x96", batch_size=4, workers=1, loader_workers=0,
-                 storage_path=str(tmp / "runs"), mlflow_uri=f"sqlite:///{tmp}/mlruns.db")  # fmt: skip
+    train = dict(
+        data=str(shards),
+        epochs=1,
+        image_size="64x96",
+        batch_size=4,
+        workers=1,
+        loader_workers=0,
+        storage_path=str(tmp / "runs"),
+        mlflow_uri=f"sqlite:///{tmp}/mlruns.db",
+    )
     search = dict(num_samples=2, max_concurrent=2)
     for k, v in kw.items():
         (train if k in TRAIN_FIELDS and k != "class_weighting" else search)[k] = v
@@ -82,9 +90,18 @@ def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path):
     small.parent.mkdir()
     Image.open(image).resize((150, 100)).save(small)  # another size than the model's
     (tmp_path / "in" / image.name).write_bytes(image.read_bytes())
-    r = _segnet("predict", "--model", "models:/segnet-camvid@champion", "--input", str(tmp_path / "in"),
-                "--output", str(tmp_path / "out"), "--overlay", "--mlflow-uri",
-                cfg.train.mlflow_uri)  # fmt: skip
+    r = _segnet(
+        "predict",
+        "--model",
+        "models:/segnet-camvid@champion",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--overlay",
+        "--mlflow-uri",
+        cfg.train.mlflow_uri,
+    )
     assert r.returncode == 0, r.stderr
     label = np.asarray(Image.open(tmp_path / "out" / image.name))
     assert label.shape == (360, 480) and label.max() <= 10
@@ -205,8 +222,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     args += ["--batch-size", "4", "--max-concurrent", "1", "--scheduler", "fifo", "--loader-workers", "0"]
     args += ["--storage-path", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path}/mlruns.db"]
     args += ["--name", "s2"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     deadline, finished = time.time() + 400, []
     while time.time() < deadline and proc.poll() is None and not finished:
@@ -238,8 +259,16 @@ def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(
 ):
     """--max-failures reaches the trial's TorchTrainer: a worker killed (SIGKILL, from here) after the first
     checkpoint is replaced, training resumes from that checkpoint, and the search completes."""
-    cfg = _cfg(shards, tmp_path, name="killed", num_samples=1, epochs=3, scheduler="fifo", max_failures=1,
-               image_size="128x160")  # fmt: skip
+    cfg = _cfg(
+        shards,
+        tmp_path,
+        name="killed",
+        num_samples=1,
+        epochs=3,
+        scheduler="fifo",
+        max_failures=1,
+        image_size="128x160",
+    )
     first_checkpoint = lambda: any((tmp_path / "runs").glob("killed-*/checkpoint_*/model.pt"))  # noqa: E731
     with train_worker_killer(first_checkpoint) as killed:
         summary = tune_search(cfg)
