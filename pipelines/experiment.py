@@ -12,9 +12,9 @@ from data_prep import storage
 from data_prep.augment import parse_size
 from data_prep.shards import init_ray, manifest_id, read_manifest
 from pipelines import tracking
-from pipelines.bench import measure_step
 from pipelines.config import Table1Config
 from pipelines.evaluate import evaluate
+from pipelines.measure import measure_step
 from pipelines.plots import save_table1_chart
 from pipelines.train import check_config, check_resources
 from pipelines.tune import make_tuner, trial_config

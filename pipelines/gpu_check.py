@@ -28,7 +28,7 @@ import torch
 from data_prep.compact import read_compact
 from data_prep.device_augment import AugmentConfig, DeviceBatches
 from pipelines import engine
-from pipelines.bench import matmul_rate, mfu_figures, run_isolated
+from pipelines.measure import matmul_rate, mfu_figures, run_isolated
 from segnet import NUM_CLASSES, VOID, build_model, class_weights, segmentation_loss
 from segnet.metrics import boundary_f1_per_image, boundary_f1_torch
 

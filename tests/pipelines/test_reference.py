@@ -70,7 +70,7 @@ def test_bench_model_prints_measured_figures():
 
 
 def test_mfu_above_100_percent_is_reported_as_a_measurement_error():
-    from pipelines.bench import mfu_figures
+    from pipelines.measure import mfu_figures
 
     assert mfu_figures(50.0, {"best": 100.0}) == {"mfu": 0.5}
     flagged = mfu_figures(175e9, {"best": 170e9})
