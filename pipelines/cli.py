@@ -6,7 +6,8 @@ takes `--config FILE.yaml` (any of its settings; profiles are in configs/) and `
 setting with its value, as YAML that `--config` reads back). Options may be written with dashes or
 underscores (`--batch-size 6` = `--batch_size 6`); a nested setting may drop its prefix where that is
 unambiguous (`segnet tune --epochs 2` = `--train.epochs 2`); a true/false option alone means true (`--amp`;
-`--no-amp` is false). `-v` shows Ray's and MLflow's own log lines on the console.
+`--no-amp` is false); a list may be given as `a,b` or `[a,b]`. `-v` shows Ray's and MLflow's own log lines
+on the console.
 """
 
 import json
@@ -502,18 +503,20 @@ def build_parser(name: str):
 
 def normalize(argv: list[str], parser) -> list[str]:
     """--batch-size -> --batch_size; --epochs -> --train.epochs when only a nested config has it (the
-    shallowest); a true/false option alone -> true; --no-X -> --X false."""
-    options = {o for a in parser._actions for o in a.option_strings}
-    flags = {o for a in parser._actions for o in a.option_strings if getattr(a, "_typehint", None) is bool}
+    shallowest); a true/false option alone -> true; --no-X -> --X false; a list as a,b -> [a,b]."""
+    kinds = {o: getattr(a, "_typehint", None) for a in parser._actions for o in a.option_strings}
+    flags = {o for o, kind in kinds.items() if kind is bool}
+    lists = {o for o, kind in kinds.items() if getattr(kind, "__origin__", None) is list}
 
     def resolve(key: str) -> str:
-        nested = sorted((o.count("."), o) for o in options if o.endswith("." + key[2:]))
-        return key if key in options or not nested else nested[0][1]
+        nested = sorted((o.count("."), o) for o in kinds if o.endswith("." + key[2:]))
+        return key if key in kinds or not nested else nested[0][1]
 
     out: list[str] = []
     for i, arg in enumerate(argv):
         if not arg.startswith("--"):
-            out.append(arg)
+            listed = out and out[-1] in lists and "," in arg and not arg.startswith("[")
+            out.append(f"[{arg}]" if listed else arg)
             continue
         key, eq, value = arg.partition("=")
         key = resolve("--" + key[2:].replace("-", "_"))

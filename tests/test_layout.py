@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = {"config", "console", "engine", "checkpoint", "measure", "reference", "plots", "tracking", "registry",
-          "pyfunc_model"}  # fmt: skip
+SHARED = {"config", "console", "engine", "checkpoint", "measure", "reference", "plots", "tracking",
+          "registry", "pyfunc_model"}  # fmt: skip
 # Steps: each a command; a step may run a step of a lower rank (tune runs train; run runs tune).
 STEPS = {"train": 3, "evaluate": 3, "predict": 3, "serve": 3, "export": 3, "submit": 3, "gpu_check": 3,
          "bench": 4, "tune": 4, "run": 5, "experiment": 5, "cli": 6}  # fmt: skip
