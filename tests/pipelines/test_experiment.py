@@ -49,11 +49,11 @@ def test_unknown_variant_is_refused_by_name():
         Table1Config(variants=["segnet-basic", "segnet-huge"])
 
 
-def profile(name: str, tmp_path, **train) -> Table1Config:
+def profile(profile_name: str, tmp_path, **train) -> Table1Config:
     """A Table 1 profile from configs/, writing into tmp_path."""
     train = {"storage_path": str(tmp_path / "runs"), "mlflow_uri": f"sqlite:///{tmp_path}/m.db", **train}
     return from_file(
-        Table1Config, CONFIGS / f"table1-{name}.yaml", out=str(tmp_path / "report"), tune={"train": train}
+        Table1Config, CONFIGS / f"table1-{profile_name}.yaml", out=str(tmp_path / "report"), tune={"train": train}
     )
 
 
