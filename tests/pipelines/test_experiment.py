@@ -53,7 +53,10 @@ def profile(profile_name: str, tmp_path, **train) -> Table1Config:
     """A Table 1 profile from configs/, writing into tmp_path."""
     train = {"storage_path": str(tmp_path / "runs"), "mlflow_uri": f"sqlite:///{tmp_path}/m.db", **train}
     return from_file(
-        Table1Config, CONFIGS / f"table1-{profile_name}.yaml", out=str(tmp_path / "report"), tune={"train": train}
+        Table1Config,
+        CONFIGS / f"table1-{profile_name}.yaml",
+        out=str(tmp_path / "report"),
+        tune={"train": train},
     )
 
 
