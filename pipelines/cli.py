@@ -276,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with Ray Train (DDP), validate each epoch, log to MLflow")
     p.add_argument("--data", help="shard folder (from `segnet prepare`)")
     p.add_argument("--model", default="segnet-basic", help="see `segnet models`")
-    p.add_argument("--workers", type=int, default=2, help="DDP workers")
+    p.add_argument(
+        "--workers", default=2, help="DDP workers: N, or MIN-MAX to shrink and grow with the cluster"
+    )
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=0)
     p.add_argument("--epochs", type=int, default=None, help="default 10")

@@ -44,11 +44,11 @@ RUN_FILE = "segnet_run.json"
 class TrainConfig:
     data: str
     model: str = "segnet-basic"
-    workers: int = 2
+    workers: str | int = 2  # N, or "MIN-MAX" for elastic training (worker_range)
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0
     epochs: int = 10
-    batch_size: int = 12  # global: split evenly across workers
+    batch_size: int = 12  # global: split evenly across workers, whatever their number (check_config)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -74,6 +74,21 @@ class TrainConfig:
     mlflow_uri: str | None = None
     experiment: str = "segnet-camvid"
     address: str | None = None
+
+
+# While an elastic run is healthy, Ray Train asks this often whether more workers fit now (its default). A
+# resize restarts the workers from the last checkpoint, so the epoch in progress is trained again.
+RESIZE_CHECK_S = 60.0
+
+
+def worker_range(value: str | int) -> tuple[int, int]:
+    """--workers N (a fixed DDP group) or MIN-MAX (elastic: Ray Train starts with as many as fit, at least
+    MIN, shrinks on a lost node and grows back to MAX when nodes return)."""
+    text = str(value).strip()
+    low, dash, high = text.partition("-")
+    if low.isdigit() and (high.isdigit() or not dash) and 1 <= int(low) <= int(high or low):
+        return int(low), int(high or low)
+    raise SegNetError(f"--workers {text!r}: expected N or MIN-MAX with 1 <= MIN <= MAX (e.g. 2 or 1-4)")
 
 
 def image_size(cfg: TrainConfig, shard_dir: str) -> tuple[int, int]:
@@ -103,9 +118,12 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
         raise SegNetError(f"--input {cfg.input!r}: choose one of {', '.join(INPUTS)}")
     if cfg.metric not in METRICS:
         raise SegNetError(f"unknown metric {cfg.metric!r}; choose one of: {', '.join(METRICS)}")
-    if cfg.workers < 1 or cfg.batch_size % cfg.workers:
+    low, high = worker_range(cfg.workers)
+    every = math.lcm(*range(low, high + 1))
+    if cfg.batch_size < 1 or cfg.batch_size % every:
         raise SegNetError(
-            f"--batch-size {cfg.batch_size} must be a positive multiple of --workers {cfg.workers}"
+            f"--batch-size {cfg.batch_size} must be a positive multiple of {every}, to split evenly "
+            f"across any worker count of --workers {cfg.workers}"
         )
     if cfg.epochs < 1 or cfg.lr <= 0:
         raise SegNetError(f"--epochs must be >= 1 and --lr > 0, got {cfg.epochs} and {cfg.lr}")
@@ -131,19 +149,20 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
 def check_resources(cfg: TrainConfig) -> None:
     """More workers than the cluster can place would wait forever: say so at once; or, with
     --placement-timeout, ask the autoscaler for them (a cluster like infra/cluster.yaml, whose GPU nodes start
-    at min_workers: 0) and wait that long for nodes to join."""
+    at min_workers: 0) and wait that long for nodes to join. An elastic run needs room for its MIN workers."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    need_cpu = cfg.workers * cfg.cpus_per_worker
-    need_gpu = cfg.workers * cfg.gpus_per_worker
+    low, high = worker_range(cfg.workers)
+    need_cpu = low * cfg.cpus_per_worker
+    need_gpu = low * cfg.gpus_per_worker
 
     def shortfall() -> str:
         have = ray.cluster_resources()
         if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
             return ""
         return (
-            f"{cfg.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
+            f"{low} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
         )
 
@@ -153,7 +172,7 @@ def check_resources(cfg: TrainConfig) -> None:
     if cfg.placement_timeout <= 0:
         raise SegNetError(f"{short} (on an autoscaling cluster, --placement-timeout SECONDS waits for nodes)")
     bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
-    request_resources(bundles=[bundle] * cfg.workers)
+    request_resources(bundles=[bundle] * high)
     print(f"waiting up to {cfg.placement_timeout:g} s for the autoscaler to add nodes: {short}", flush=True)
     deadline = time.monotonic() + cfg.placement_timeout
     while short := shortfall():
@@ -165,7 +184,13 @@ def check_resources(cfg: TrainConfig) -> None:
 
 def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.device):
     """This worker's training and validation batches: augmented on the device (GPU default), or by
-    albumentations in DataLoader workers (CPU default, and for users' own transforms)."""
+    albumentations in DataLoader workers (CPU default, and for users' own transforms).
+
+    Each worker takes global // world images a step, so a step sees the same global batch (and the same
+    learning rate applies) whether an elastic run has MIN or MAX workers; DDP's mean of the workers'
+    gradients is then the gradient of the whole batch. Gradient accumulation was not chosen: it would
+    change BatchNorm's batches and the step count per epoch with the worker count; check_config instead asks
+    for a global batch that every worker count of the range divides."""
     per_worker = cfg.batch_size // world
     if cfg.input == "device" or (cfg.input == "auto" and device.type == "cuda"):
         common = {"rank": rank, "world": world, "device": device}
@@ -212,7 +237,7 @@ def train_loop(config: dict) -> None:
             meta = ckpt_io.restore(d, model, optimizer)
             start, history = meta["epoch"] + 1, meta["history"]
         if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start}", flush=True)
+            print(f"resuming from the checkpoint of epoch {start} with {world} workers", flush=True)
     if use_compile(cfg.compile, device):
         compile_model(model)
     model = ray.train.torch.prepare_model(model)
@@ -234,6 +259,7 @@ def train_loop(config: dict) -> None:
         cm = meter.matrix.cpu()
         metrics = {
             "epoch": epoch,
+            "workers": world,  # an elastic run's size, per epoch
             **stats,
             **scores(meter),
             "epoch_time_s": time.perf_counter() - t0,
@@ -285,13 +311,20 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 
 class LogMetrics(ray.train.UserCallback):
     """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
-    that a lost worker had not reported yet, and that is trained again after the restart, is logged once."""
+    that a lost worker had not reported yet, and that is trained again after the restart, is logged once.
+    A change of the worker count (an elastic resize) is also tagged `resize.epoch_N` = "OLD->NEW"."""
 
     def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+        self.uri, self.run_id, self.workers = uri, run_id, None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        tracking.log_metrics(self.uri, self.run_id, metrics[0], step=metrics[0]["epoch"])
+        m = metrics[0]
+        tracking.log_metrics(self.uri, self.run_id, m, step=m["epoch"])
+        if self.workers not in (None, m["workers"]):
+            tracking.set_tags(
+                self.uri, self.run_id, {f"resize.epoch_{m['epoch']}": f"{self.workers}->{m['workers']}"}
+            )
+        self.workers = m["workers"]
 
 
 def train(
@@ -328,6 +361,7 @@ def train(
     cfg.name = name
     init_ray(cfg.address)
     check_resources(cfg)
+    low, high = worker_range(cfg.workers)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri)
     sha = manifest_id(cfg.data)
@@ -348,7 +382,8 @@ def train(
             "run_id": run_id,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers,
+            num_workers=low if low == high else (low, high),
+            elastic_resize_monitor_interval_s=RESIZE_CHECK_S,
             use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
         ),
