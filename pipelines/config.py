@@ -5,6 +5,7 @@ own values when it is built, so a bad value gets one line naming the key, from a
 A search holds a train config (its trials' settings), and Table 1 and `segnet run` hold a search config.
 """
 
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -39,8 +40,8 @@ class TrainConfig:
     """shard folder or URI (from `segnet prepare`); required unless resuming"""
     model: str = "segnet-basic"
     """see `segnet models`"""
-    workers: int = 2
-    """DDP workers"""
+    workers: str | int = 2
+    """DDP workers: N, or MIN-MAX to shrink and grow with the cluster (elastic)"""
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0
     epochs: int = 10
@@ -97,14 +98,19 @@ class TrainConfig:
         choose("compile", self.compile, COMPILE)
         choose("input", self.input, INPUTS)
         choose("metric", self.metric, METRICS)
-        for key in ("workers", "cpus_per_worker", "epochs", "batch_size", "keep_checkpoints"):
+        for key in ("cpus_per_worker", "epochs", "batch_size", "keep_checkpoints"):
             at_least(key, getattr(self, key), 1)
         for key in ("max_failures", "loader_workers", "recompute", "gpus_per_worker", "placement_timeout"):
             at_least(key, getattr(self, key), 0)
         if self.lr <= 0:
             raise SegNetError(f"lr {self.lr}: must be > 0")
-        if self.batch_size % self.workers:
-            raise SegNetError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers}")
+        low, high = worker_range(self.workers)
+        every = math.lcm(*range(low, high + 1))  # the global batch is kept whatever the worker count
+        if self.batch_size % every:
+            raise SegNetError(
+                f"batch_size {self.batch_size} must be a multiple of {every}, to split evenly "
+                f"across any worker count of workers {self.workers}"
+            )
         if self.recompute > 5:
             raise SegNetError(f"recompute {self.recompute}: choose 0 (off) to 5 resolution levels")
         if self.recompute and self.model != "segnet":
@@ -113,6 +119,16 @@ class TrainConfig:
             raise SegNetError(
                 "sync_bn needs GPU workers (gpus_per_worker > 0): SyncBatchNorm runs on CUDA only"
             )
+
+
+def worker_range(value: str | int) -> tuple[int, int]:
+    """workers N (a fixed DDP group) or MIN-MAX (elastic: Ray Train starts with as many as fit, at least
+    MIN, shrinks on a lost node and grows back to MAX when nodes return)."""
+    text = str(value).strip()
+    low, dash, high = text.partition("-")
+    if low.isdigit() and (high.isdigit() or not dash) and 1 <= int(low) <= int(high or low):
+        return int(low), int(high or low)
+    raise SegNetError(f"workers {text!r}: expected N or MIN-MAX with 1 <= MIN <= MAX (e.g. 2 or 1-4)")
 
 
 def trial_defaults(data: str | None = None) -> TrainConfig:

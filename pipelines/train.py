@@ -28,7 +28,7 @@ from data_prep.device_augment import DeviceBatches
 from data_prep.shards import ShardReader, init_ray, manifest_id, read_manifest, verify_shards
 from pipelines import checkpoint as ckpt_io
 from pipelines import console, tracking
-from pipelines.config import TrainConfig
+from pipelines.config import TrainConfig, worker_range
 from pipelines.engine import compile_model, evaluate, scores, train_epoch, use_compile
 from pipelines.plots import display_image, save_confusion_matrix, save_curves, save_overlay
 from segnet import segmentation_loss
@@ -36,6 +36,9 @@ from segnet.errors import SegNetError
 from segnet.models import min_input_size, model_from_meta
 
 RUN_FILE = "segnet_run.json"
+# While an elastic run is healthy, Ray Train asks this often whether more workers fit now (its default). A
+# resize restarts the workers from the last checkpoint, so the epoch in progress is trained again.
+RESIZE_CHECK_S = 60.0
 
 
 def image_size(cfg: TrainConfig, shard_dir: str) -> tuple[int, int]:
@@ -65,19 +68,20 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
 def check_resources(cfg: TrainConfig) -> None:
     """More workers than the cluster can place would wait forever: say so at once; or, with
     --placement-timeout, ask the autoscaler for them (a cluster like infra/cluster.yaml, whose GPU nodes start
-    at min_workers: 0) and wait that long for nodes to join."""
+    at min_workers: 0) and wait that long for nodes to join. An elastic run needs room for its MIN workers."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    need_cpu = cfg.workers * cfg.cpus_per_worker
-    need_gpu = cfg.workers * cfg.gpus_per_worker
+    low, high = worker_range(cfg.workers)
+    need_cpu = low * cfg.cpus_per_worker
+    need_gpu = low * cfg.gpus_per_worker
 
     def shortfall() -> str:
         have = ray.cluster_resources()
         if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
             return ""
         return (
-            f"{cfg.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
+            f"{low} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
         )
 
@@ -87,7 +91,7 @@ def check_resources(cfg: TrainConfig) -> None:
     if cfg.placement_timeout <= 0:
         raise SegNetError(f"{short} (on an autoscaling cluster, --placement-timeout SECONDS waits for nodes)")
     bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
-    request_resources(bundles=[bundle] * cfg.workers)
+    request_resources(bundles=[bundle] * high)
     print(f"waiting up to {cfg.placement_timeout:g} s for the autoscaler to add nodes: {short}", flush=True)
     deadline = time.monotonic() + cfg.placement_timeout
     while short := shortfall():
@@ -99,7 +103,13 @@ def check_resources(cfg: TrainConfig) -> None:
 
 def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.device):
     """This worker's training and validation batches: augmented on the device (GPU default), or by
-    albumentations in DataLoader workers (CPU default, and for users' own transforms)."""
+    albumentations in DataLoader workers (CPU default, and for users' own transforms).
+
+    Each worker takes global // world images a step, so a step sees the same global batch (and the same
+    learning rate applies) whether an elastic run has MIN or MAX workers; DDP's mean of the workers'
+    gradients is then the gradient of the whole batch. Gradient accumulation was not chosen: it would
+    change BatchNorm's batches and the step count per epoch with the worker count; TrainConfig instead asks
+    for a global batch that every worker count of the range divides."""
     per_worker = cfg.batch_size // world
     if cfg.input == "device" or (cfg.input == "auto" and device.type == "cuda"):
         common = {"rank": rank, "world": world, "device": device}
@@ -139,7 +149,7 @@ def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, device, world:
     return model, optimizer
 
 
-def resume(model, optimizer, rank: int) -> tuple[int, list]:
+def resume(model, optimizer, rank: int, world: int) -> tuple[int, list]:
     """(first epoch, history so far): from the checkpoint Ray Train hands a restarted or resumed run."""
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -147,7 +157,7 @@ def resume(model, optimizer, rank: int) -> tuple[int, list]:
     with checkpoint.as_directory() as d:
         meta = ckpt_io.restore(d, model, optimizer)
     if rank == 0:
-        print(f"resuming from the checkpoint of epoch {meta['epoch'] + 1}", flush=True)
+        print(f"resuming from the checkpoint of epoch {meta['epoch'] + 1} with {world} workers", flush=True)
     return meta["epoch"] + 1, meta["history"]
 
 
@@ -165,7 +175,7 @@ def train_loop(config: dict) -> None:
     torch.backends.cudnn.benchmark = True
 
     net, optimizer = build_model_and_optimizer(cfg, num_classes, device, world)
-    start, history = resume(net, optimizer, rank)
+    start, history = resume(net, optimizer, rank, world)
     if use_compile(cfg.compile, device):
         compile_model(net)
     model = ray.train.torch.prepare_model(net)  # DDP when world > 1; `net` stays the plain module
@@ -191,7 +201,13 @@ def train_loop(config: dict) -> None:
         keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
         meter, examples = evaluate(net, val_loader, device, num_classes, cfg.amp, cfg.channels_last, keep)
         meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
-        metrics = {"epoch": epoch, **stats, **scores(meter), "epoch_time_s": time.perf_counter() - t0}
+        metrics = {
+            "epoch": epoch,
+            "workers": world,
+            **stats,
+            **scores(meter),
+            "epoch_time_s": time.perf_counter() - t0,
+        }
         history.append({k: v for k, v in metrics.items() if not k.startswith("val_iou_")})
         report(config, cfg, metrics, history, net, optimizer, rank, meter.matrix.cpu(), examples)
 
@@ -246,13 +262,20 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 
 class LogMetrics(ray.train.UserCallback):
     """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
-    that a lost worker had not reported yet, and that is trained again after the restart, is logged once."""
+    that a lost worker had not reported yet, and that is trained again after the restart, is logged once.
+    A change of the worker count (an elastic resize) is also tagged `resize.epoch_N` = "OLD->NEW"."""
 
     def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+        self.uri, self.run_id, self.workers = uri, run_id, None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        tracking.log_metrics(self.uri, self.run_id, metrics[0], step=metrics[0]["epoch"])
+        m = metrics[0]
+        tracking.log_metrics(self.uri, self.run_id, m, step=m["epoch"])
+        if self.workers not in (None, m["workers"]):
+            tracking.set_tags(
+                self.uri, self.run_id, {f"resize.epoch_{m['epoch']}": f"{self.workers}->{m['workers']}"}
+            )
+        self.workers = m["workers"]
 
 
 def train(
@@ -289,6 +312,7 @@ def train(
     cfg.name = name
     init_ray(cfg.address)
     check_resources(cfg)
+    low, high = worker_range(cfg.workers)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri)
     sha = manifest_id(cfg.data)
@@ -309,7 +333,8 @@ def train(
             "run_id": run_id,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers,
+            num_workers=low if low == high else (low, high),
+            elastic_resize_monitor_interval_s=RESIZE_CHECK_S,
             use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
         ),

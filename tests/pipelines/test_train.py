@@ -9,9 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from data_prep import prepare
 from pipelines.checkpoint import load as load_checkpoint
-from pipelines.config import TrainConfig
+from pipelines.config import TrainConfig, worker_range
 from pipelines.evaluate import evaluate
-from pipelines.train import train
+from pipelines.train import check_resources, train
 from segnet import SegNetError
 
 pytestmark = pytest.mark.slow
@@ -181,7 +181,9 @@ def test_channels_last_bf16_autocast_and_device_side_input_train(shards, tmp_pat
         ({"data": "/nonexistent"}, "holds no manifest.json"),
         ({"image_size": "8x8"}, "too small for segnet-basic"),
         ({"workers": 3, "batch_size": 6}, "3 workers need 3 CPUs"),
-        ({"batch_size": 5}, "must be a multiple of workers 2"),
+        ({"batch_size": 5}, "multiple of 2, to split evenly across any worker count of workers 2"),
+        ({"workers": "1-3", "batch_size": 4}, "multiple of 6, to split evenly .* workers 1-3"),
+        ({"workers": "2-1"}, "workers '2-1': expected N or MIN-MAX"),
         ({"class_weighting": "log"}, "class_weighting 'log': choose one of"),
         ({"sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
         ({"compile": "yes"}, "compile 'yes': choose one of auto, on, off"),
@@ -192,6 +194,23 @@ def test_bad_config_fails_before_any_worker_starts(shards, tmp_path, change, mes
     with pytest.raises(SegNetError, match=message):
         train(_cfg(shards, tmp_path, **change))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value, expected", [(2, (2, 2)), ("3", (3, 3)), ("1-4", (1, 4)), (" 2-2 ", (2, 2))])
+def test_worker_range_reads_a_count_or_a_range(value, expected):
+    assert worker_range(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, "0-2", "3-1", "1-", "-2", "1-2-3", "two", "1.5"])
+def test_worker_range_refuses_what_is_not_a_range(value):
+    with pytest.raises(SegNetError, match="expected N or MIN-MAX with 1 <= MIN <= MAX"):
+        worker_range(value)
+
+
+def test_an_elastic_run_needs_room_for_its_minimum_only(ray_local):
+    check_resources(TrainConfig(workers="2-3"))  # this Ray has 2 CPUs: MIN fits
+    with pytest.raises(SegNetError, match="3 workers need 3 CPUs"):
+        check_resources(TrainConfig(workers="3-4"))
 
 
 def test_class_count_and_resume_path_are_checked(shards, tmp_path):
