@@ -62,6 +62,14 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}: a nested config as MLflow params."""
+    flat = {}
+    for k, v in values.items():
+        flat.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
 def start_run(
     uri: str,
     experiment: str,
@@ -78,7 +86,7 @@ def start_run(
     tags = {"mlflow.parentRunId": parent} if parent else None
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     rid = run.info.run_id
-    params = {k: str(v) for k, v in asdict(config).items() if v is not None}
+    params = {k: str(v) for k, v in flatten(asdict(config)).items() if v is not None}
     for i in range(0, len(params), 90):
         chunk = dict(list(params.items())[i : i + 90])
         c.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in chunk.items()])

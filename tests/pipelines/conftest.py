@@ -54,9 +54,22 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` with a sqlite store and proxied artifacts; yields its http URI."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination",
-           str(tmp / "artifacts"), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        "--artifacts-destination",
+        str(tmp / "artifacts"),
+        "--workers",
+        "1",
+    ]
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"

@@ -134,7 +134,7 @@ def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_retrains_from_the_on
     assert r.returncode == 0, r.stderr[-3000:]
     warned = [line for line in r.stdout.splitlines() if "warning: checkpoint" in line]  # from the worker
     assert len(warned) == 1 and bad in warned[0] and "damaged" in warned[0], r.stdout[-3000:]
-    assert f"resuming from the checkpoint of epoch 1: {good}" in r.stdout
+    assert f"resuming from the checkpoint of epoch 1 with 1 workers: {good}" in r.stdout
     resumed = json.loads(r.stdout[r.stdout.index("{\n") :])
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
     assert resumed["mlflow_run_id"] == first["mlflow_run_id"]  # the same run, continued
