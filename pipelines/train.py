@@ -38,6 +38,7 @@ from segnet.models import min_input_size, model_from_meta
 METRICS = ("val_miou", "val_global_accuracy", "val_class_accuracy", "val_bf")
 INPUTS = ("auto", "loader", "device")
 RUN_FILE = "segnet_run.json"
+PLOTS = "plots"  # the last checkpoint's PNGs, logged to MLflow under this name
 
 
 @dataclass
@@ -238,7 +239,9 @@ def train_loop(config: dict) -> None:
             **scores(meter),
             "epoch_time_s": time.perf_counter() - t0,
         }
-        history.append({k: v for k, v in metrics.items() if not k.startswith("val_iou_")})
+        history.append(
+            metrics
+        )  # every epoch's metrics: what MLflow lacks after an outage is logged from here
         if rank == 0:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
@@ -261,23 +264,22 @@ def train_loop(config: dict) -> None:
                     "mlflow_run_id": config["run_id"],
                 }
                 ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
                 if epoch == cfg.epochs - 1:
-                    log_final_artifacts(config, cm, history, examples)
+                    save_final_plots(Path(tmp) / PLOTS, cm, history, examples)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
             finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
             ray.train.report(finite, checkpoint=ckpt)
 
 
-def log_final_artifacts(config: dict, cm, history, examples) -> None:
-    """Confusion matrix, prediction overlays and training curves of the last epoch, as PNGs in MLflow."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        save_confusion_matrix(cm.numpy(), out / "confusion_matrix_val.png", "validation, last epoch")
-        np.savetxt(out / "confusion_matrix_val.csv", cm.numpy(), fmt="%d", delimiter=",")
-        save_curves(history, out / "training_curves.png")
-        for i, (x, pred, y) in enumerate(examples):
-            save_overlay(display_image(x, y.shape), pred.numpy(), y.numpy(), out / f"overlay_val_{i}.png")
-        tracking.log_artifacts(config["mlflow_uri"], config["run_id"], out, "plots")
+def save_final_plots(out: Path, cm, history, examples) -> None:
+    """Confusion matrix, prediction overlays and training curves of the last epoch, as PNGs in the last
+    checkpoint; the driver logs them to MLflow (workers never wait on the tracking server)."""
+    out.mkdir()
+    save_confusion_matrix(cm.numpy(), out / "confusion_matrix_val.png", "validation, last epoch")
+    np.savetxt(out / "confusion_matrix_val.csv", cm.numpy(), fmt="%d", delimiter=",")
+    save_curves(history, out / "training_curves.png")
+    for i, (x, pred, y) in enumerate(examples):
+        save_overlay(display_image(x, y.shape), pred.numpy(), y.numpy(), out / f"overlay_val_{i}.png")
 
 
 # ---------------------------------------------------------------- the driver
@@ -285,13 +287,15 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 
 class LogMetrics(ray.train.UserCallback):
     """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
-    that a lost worker had not reported yet, and that is trained again after the restart, is logged once."""
+    that a lost worker had not reported yet, and that is trained again after the restart, is logged once.
+    While the server is down, epochs wait in a buffer and go with the first report after it is back; what
+    is still buffered when training ends is logged by the driver from the checkpoint's history."""
 
     def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+        self.metrics = tracking.MetricBuffer(uri, run_id)
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        tracking.log_metrics(self.uri, self.run_id, metrics[0], step=metrics[0]["epoch"])
+        self.metrics.add(metrics[0], step=metrics[0]["epoch"])
 
 
 def train(
@@ -319,6 +323,8 @@ def train(
         cfg.epochs = max(epochs, cfg.epochs)
         (root, cfg.name), run_id = run_dir.rsplit("/", 1), saved["mlflow_run_id"]
     manifest = check_config(cfg, num_classes)
+    uri = tracking.tracking_uri(cfg.mlflow_uri)
+    tracking.check(uri)  # one line now, not after Ray and the workers have started
     # Workers run in other directories (and, on a cluster, other machines): give them absolute locations.
     cfg.data, cfg.storage_path = storage.absolute(cfg.data), root
     if cfg.vgg16_weights:
@@ -329,7 +335,6 @@ def train(
     init_ray(cfg.address)
     check_resources(cfg)
 
-    uri = tracking.tracking_uri(cfg.mlflow_uri)
     sha = manifest_id(cfg.data)
     if run_id is None:
         run_id = tracking.start_run(uri, cfg.experiment, name, cfg, cfg.data, sha, parent_run_id)
@@ -369,11 +374,14 @@ def train(
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.end_run(uri, run_id, "FAILED")
+        try:
+            tracking.end_run(uri, run_id, "FAILED", wait_s=30)
+        except SegNetError as lost:
+            print(lost, flush=True)
         raise SegNetError(f"training run {name} failed: {e}") from e
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, -1))
     best_uri = storage.uri(best_ckpt.filesystem, best_ckpt.path)
-    last_meta = storage.join(storage.uri(result.checkpoint.filesystem, result.checkpoint.path), "meta.json")
+    last = storage.uri(result.checkpoint.filesystem, result.checkpoint.path)
     best = {
         "run": name,
         "run_dir": storage.join(root, name),
@@ -383,12 +391,27 @@ def train(
         "metric": cfg.metric,
         "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_") and "iou_" not in k},
         "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k},
-        "history": json.loads(storage.read_bytes(last_meta))["history"],
+        "history": json.loads(storage.read_bytes(storage.join(last, ckpt_io.META)))["history"],
     }
-    tracking.set_tags(uri, run_id, {"best_checkpoint": best_uri, "best_epoch": best_metrics["epoch"]})
+    record_run(uri, run_id, best, last)
+    return best
+
+
+def record_run(uri: str, run_id: str, best: dict, last_checkpoint: str) -> None:
+    """What the driver logs when training is done, waiting for the server if it is away: epochs the
+    controller could not log (the server was down when training ended), the last epoch's plots, the best."""
+    filled = tracking.fill_history(uri, run_id, best["history"])
+    if filled:
+        print(f"logged the metrics of epochs {filled} from the checkpoint's history", flush=True)
+    if storage.exists(storage.join(last_checkpoint, PLOTS, "training_curves.png")):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.copy_folder(storage.join(last_checkpoint, PLOTS), tmp)
+            tracking.log_artifacts(uri, run_id, Path(tmp), PLOTS)
+    tracking.set_tags(
+        uri, run_id, {"best_checkpoint": best["best_checkpoint"], "best_epoch": best["best_epoch"]}
+    )
     tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)
     tracking.end_run(uri, run_id)
-    return best
 
 
 def config_from_args(args) -> TrainConfig:
