@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
 from pipelines import registry, tracking
 from segnet import build_model
@@ -118,7 +119,10 @@ def _register(uri: str, name: str, seed: int, miou: float, tmp: Path, data: Path
     c = tracking.client(uri)
     exp = c.get_experiment_by_name("tests")
     local = None if uri.startswith("http") else (tmp / "artifacts").as_uri()  # a server proxies them
-    exp_id = exp.experiment_id if exp else c.create_experiment("tests", artifact_location=local)
+    try:
+        exp_id = exp.experiment_id if exp else c.create_experiment("tests", artifact_location=local)
+    except MlflowException:  # another process registering at the same moment created it
+        exp_id = c.get_experiment_by_name("tests").experiment_id
     run = c.create_run(exp_id, run_name=f"{name}-{seed}")
     ckpt = write_checkpoint(tmp / f"{name}-{seed}", seed, data)
     scores = {"miou": miou, "global_accuracy": 0.8, "class_accuracy": 0.6, "bf": 0.5}

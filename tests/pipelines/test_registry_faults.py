@@ -38,15 +38,22 @@ def _job(name, seed, miou, tmp, data) -> str:
 def test_two_registrations_at_the_same_moment_leave_champion_on_the_better(
     mlflow_server, camvid_dir, tmp_path
 ):
-    """Two processes register at once, three times over; each round both beat the champion, and which is
-    better alternates. Read-compare-set would let the later alias write win; champion must be the best."""
-    procs = [_registrar(mlflow_server), _registrar(mlflow_server)]
+    """Two processes register at once, four times over, each released at the moment it decides about
+    champion; each round both beat the champion, and which is better alternates. Read-compare-set lets the
+    later alias write win (it fails this test); champion must end on the better model every time."""
+    procs = [_registrar(mlflow_server, "sync"), _registrar(mlflow_server, "sync")]
     try:
-        for r in range(3):
+        for r in range(4):
             mious = [0.5 + 0.1 * r, 0.55 + 0.1 * r][:: 1 if r % 2 else -1]
             for i, (proc, miou) in enumerate(zip(procs, mious)):
                 proc.stdin.write(_job("race", 10 * r + i, miou, tmp_path / str(r), camvid_dir))
             for proc in procs:  # both lines out before either process starts: they register together
+                proc.stdin.flush()
+            for proc in procs:
+                _said(proc, "waiting")
+            for proc in procs:
+                proc.stdin.write("go\n")
+            for proc in procs:
                 proc.stdin.flush()
             results = [json.loads(_said(proc, "result")) for proc in procs]
             winner = results[mious.index(max(mious))]
