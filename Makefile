@@ -30,7 +30,7 @@ run: install
 	$(BIN)/segnet run
 
 table1: install
-	$(BIN)/segnet experiment table1 --profile cpu --out docs/table1-cpu
+	$(BIN)/segnet experiment table1 --config configs/table1-cpu.yaml --out docs/table1-cpu
 
 # The compact CamVid copy a GPU machine gets (images re-encoded as JPEG q95, labels exact; ~53 MB).
 camvid-compact: install

@@ -39,8 +39,9 @@ def write_compact(source: str | Path, out: str | Path, splits=SPLITS, limit: int
             names.append(sample["name"])
             jpegs.append(jpeg.getvalue())
             labels.append(png.getvalue())
-        table = pa.table({"name": names, "jpeg": pa.array(jpegs, pa.binary()),
-                          "label_png": pa.array(labels, pa.binary())})  # fmt: skip
+        table = pa.table(
+            {"name": names, "jpeg": pa.array(jpegs, pa.binary()), "label_png": pa.array(labels, pa.binary())}
+        )
         tmp = out / f".{split}.arrow.tmp"
         with ipc.new_file(tmp, table.schema) as writer:
             writer.write_table(table)

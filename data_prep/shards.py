@@ -165,12 +165,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own per-shard lines show progress
+    # Ray's own log lines (driver and workers) stay in its session's log files unless `segnet -v`.
+    level = "INFO" if os.environ.get("SEGNET_VERBOSE") == "1" else "ERROR"
+    options = {"logging_config": ray.LoggingConfig(log_level=level)}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        context = ray.init(address=address, **options)
     else:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only.
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1")
+        context = ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **options)
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
 def prepare(
@@ -220,7 +225,7 @@ def prepare(
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     results = []
-    for row in ds.map(write_shard, concurrency=workers).iter_rows():
+    for row in ds.map(write_shard, compute=ray.data.TaskPoolStrategy(size=workers)).iter_rows():
         results.append(row)
         log(f"  shard {len(results)}/{len(tasks)}: {row['file']}" + (" FAILED" if row["error"] else ""))
     if len(results) < len(tasks):  # Ray Data can end the iteration quietly when interrupted

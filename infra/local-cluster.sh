@@ -3,6 +3,7 @@
 # working directory with its own temp directory (STATE_DIR/head, STATE_DIR/worker), so, as on a real
 # cluster, the nodes share no folder: give them a bucket (infra/local-s3.sh) for data and checkpoints.
 #   infra/local-cluster.sh start   # head (1 CPU) + worker node (1 CPU) + mlflow server (sqlite + artifacts)
+#   infra/local-cluster.sh start-worker  # (re)starts the worker node alone, e.g. after it was lost
 #   infra/local-cluster.sh stop    # stops exactly these processes (not other Ray instances)
 #   infra/local-cluster.sh status
 # Clients export what `start` prints (the token path among it): `eval "$(infra/local-cluster.sh start)"`.
@@ -34,6 +35,14 @@ agent_ports() {
     "--metrics-export-port=$(($1 + 2)) --runtime-env-agent-port=$(($1 + 3))"
 }
 
+# Node 2: its own raylet, resources, working directory and temp directory, so Ray schedules across both.
+# `start-worker` runs this alone: the worker node (re)joins a running head, as a replaced node would.
+start_worker() {
+  (cd "$STATE_DIR/worker" && TMPDIR="$STATE_DIR/worker/tmp" "$bin/ray" start --address="127.0.0.1:$RAY_PORT" \
+    --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" --temp-dir="$STATE_DIR/worker/ray" \
+    $(agent_ports $((AGENT_PORT_BASE + 10))) --disable-usage-stats >>"$STATE_DIR/worker.log" 2>&1)
+}
+
 start() {
   mkdir -p "$STATE_DIR"/{head,worker}/tmp
   [[ $ARTIFACTS == *://* ]] || mkdir -p "$ARTIFACTS"
@@ -43,10 +52,7 @@ start() {
     --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --temp-dir="$STATE_DIR/head/ray" $(agent_ports "$AGENT_PORT_BASE") --disable-usage-stats \
     >"$STATE_DIR/head.log" 2>&1)
-  # Node 2: its own raylet, resources, working directory and temp directory, so Ray schedules across both.
-  (cd "$STATE_DIR/worker" && TMPDIR="$STATE_DIR/worker/tmp" "$bin/ray" start --address="127.0.0.1:$RAY_PORT" \
-    --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" --temp-dir="$STATE_DIR/worker/ray" \
-    $(agent_ports $((AGENT_PORT_BASE + 10))) --disable-usage-stats >"$STATE_DIR/worker.log" 2>&1)
+  start_worker
   for _ in $(seq 120); do  # the dashboard (job server, state API) answers, even if only to refuse
     [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$DASHBOARD_PORT/api/version") != 000 ]] && break
     sleep 1
@@ -98,7 +104,8 @@ status() {
 
 case "${1:-}" in
   start) start ;;
+  start-worker) start_worker ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|start-worker|stop|status" >&2; exit 2 ;;
 esac

@@ -4,12 +4,13 @@ The step benches import nothing beyond torch and the project's models, so the GP
 a machine without albumentations or Ray.
 """
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipelines.measure import matmul_rate, mfu_figures, run_isolated
 
 
 def _rate(fn, n: int) -> float:
@@ -196,8 +197,9 @@ def bench_train(
     from data_prep.augment import AugmentConfig as Aug
     from data_prep.augment import ShardDataset, make_loader, train_transform
     from data_prep.shards import read_manifest as manifest_of
+    from pipelines.config import TrainConfig
     from pipelines.engine import train_epoch
-    from pipelines.train import TrainConfig, train
+    from pipelines.train import train
     from segnet import build_model, segmentation_loss
 
     manifest = manifest_of(shard_dir)
@@ -207,23 +209,41 @@ def bench_train(
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loss_fn = segmentation_loss(manifest["class_weights"]["median_frequency"])
     loader = make_loader(
-        ShardDataset(shard_dir, "train", train_transform(Aug(*size), seed=seed)), batch_size, True, seed, 1,
+        ShardDataset(shard_dir, "train", train_transform(Aug(*size), seed=seed)),
+        batch_size,
+        True,
+        seed,
+        1,
         drop_last=True,
-    )  # fmt: skip
+    )
     device = torch.device("cpu")
-    plain = max((train_epoch(net, loader, loss_fn, optimizer, device) for _ in range(epochs)),
-                key=lambda stats: stats["train_images_per_s"])  # fmt: skip
-    figures = {"model": model, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch_size,
-               "plain_images_per_s": plain["train_images_per_s"],
-               "plain_data_wait_fraction": plain["data_wait_fraction"]}  # fmt: skip
+    plain = max(
+        (train_epoch(net, loader, loss_fn, optimizer, device) for _ in range(epochs)),
+        key=lambda stats: stats["train_images_per_s"],
+    )
+    figures = {
+        "model": model,
+        "image_size": f"{size[0]}x{size[1]}",
+        "batch_size": batch_size,
+        "plain_images_per_s": plain["train_images_per_s"],
+        "plain_data_wait_fraction": plain["data_wait_fraction"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
             cfg = TrainConfig(
-                data=str(shard_dir), model=model, workers=workers, cpus_per_worker=cpus // workers,
-                epochs=epochs, batch_size=batch_size, image_size=f"{size[0]}x{size[1]}", seed=seed,
-                storage_path=f"{tmp}/runs", mlflow_uri=f"sqlite:///{tmp}/bench.db", name=f"bench-{workers}",
+                data=str(shard_dir),
+                model=model,
+                workers=workers,
+                cpus_per_worker=cpus // workers,
+                epochs=epochs,
+                batch_size=batch_size,
+                image_size=f"{size[0]}x{size[1]}",
+                seed=seed,
+                storage_path=f"{tmp}/runs",
+                mlflow_uri=f"sqlite:///{tmp}/bench.db",
+                name=f"bench-{workers}",
                 keep_checkpoints=1,
-            )  # fmt: skip
+            )
             best = train(cfg)
             history = best["history"]
             fastest = max(history, key=lambda h: h["train_images_per_s"])
@@ -235,134 +255,19 @@ def bench_train(
     return figures
 
 
-def matmul_rate(dtype=None, device: str = "cpu", reps: int = 5, seconds: float = 0.3) -> dict:
-    """The dense matmul rate of this machine now: the best of `reps` timed bursts (fp32, or bf16 for
-    autocast), with the spread, so that one slow burst on a shared machine does not set MFU's denominator."""
-    import torch
-
-    n = 8192 if device == "cuda" else 2048  # a GPU needs a bigger product to reach its rate
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    rates = []
-    for _ in range(reps):
-        count, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            count += 1
-            sync()
-        rates.append(2 * n**3 * count / (time.perf_counter() - t0))
-    return {"best": max(rates), "worst": min(rates)}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure_step(spec: dict) -> dict:
-    """Runs in a fresh process, so the peak memory belongs to this model's step alone (CPU: resident-set
-    growth; GPU: torch.cuda.max_memory_allocated growth). `compile` is a torch.compile mode or None."""
-    import resource
-
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipelines.reference import build_reference
-    from segnet import build_model
-    from segnet.layers import fold_batch_norm
-
-    torch.manual_seed(0)
-    torch.set_num_threads(spec["threads"])
-    device = spec.get("device", "cpu")
-    cuda = device == "cuda"
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.get("tf32", False)
-    options = {"recompute": spec["recompute"]} if spec.get("recompute") else {}
-    model = build_reference(spec["model"]) if spec["reference"] else build_model(spec["model"], **options)
-    train = spec["mode"] == "train"
-    if not train and not spec["reference"]:  # ours infers with batch norm folded into the convs
-        model = fold_batch_norm(model)
-    model = model.to(device)
-    x = torch.randn(spec["batch"], 3, *spec["size"], device=device)
-    y = torch.randint(0, 11, (spec["batch"], *spec["size"]), device=device)
-    if spec["channels_last"]:
-        model, x = (
-            model.to(memory_format=torch.channels_last),
-            x.contiguous(memory_format=torch.channels_last),
-        )
-    model.train(train)
-    fused = {"fused": True} if cuda else {}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **fused)
-    flop_model = model
-    if spec.get("compile"):
-        model = torch.compile(model, mode=None if spec["compile"] == "default" else spec["compile"])
-
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=spec.get("amp", False))
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def step(net=model):
-        if train:
-            with autocast:
-                out = net(x)
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        else:
-            with torch.no_grad(), autocast:
-                net(x)
-
-    base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
-    t0 = time.perf_counter()
-    for _ in range(3 if spec.get("compile") else 1):  # warm-up (compiles; CUDA graphs record on the 3rd)
-        step()
-    sync()
-    warmup = time.perf_counter() - t0
-    peak = (
-        torch.cuda.max_memory_allocated() - base
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    )
-    times = []
-    for _ in range(spec["steps"]):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same arithmetic
-        step(flop_model)
-    seconds = float(np.median(times))
-    return {"seconds_per_step": seconds, "flops_per_image": counter.get_total_flops() / spec["batch"],
-            "peak_memory_bytes": peak, "warmup_s": warmup}  # fmt: skip
-
-
-def run_isolated(spec: dict, timeout: float | None = None) -> dict:
-    """measure_step in a fresh process; past `timeout` seconds (compiling, autotuning) it is stopped and
-    TimeoutError raised."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        try:
-            return pool.apply_async(measure_step, (spec,)).get(timeout)
-        except multiprocessing.TimeoutError:
-            raise TimeoutError(f"gave up after {timeout:.0f} s") from None
-
-
-def mfu_figures(achieved: float, rate: dict) -> dict:
-    """MFU against the best measured matmul rate; above 100% the denominator was measured too low (a busy
-    machine), so no MFU is given, only the error."""
-    mfu = achieved / rate["best"]
-    if mfu > 1:
-        return {"mfu": None, "mfu_error": f"achieved {achieved:.3g} FLOP/s exceeds the measured matmul rate "
-                f"{rate['best']:.3g}: the rate was measured while the machine was busy; rerun"}  # fmt: skip
-    return {"mfu": mfu}
-
-
-def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 3, baseline: bool = False,
-                channels_last: bool = True, threads: int | None = None, recompute: int = 0,
-                amp: bool = False, compile: str | None = None) -> dict:  # fmt: skip
+def bench_model(
+    model: str,
+    size,
+    batch: int,
+    mode: str = "train",
+    steps: int = 3,
+    baseline: bool = False,
+    channels_last: bool = True,
+    threads: int | None = None,
+    recompute: int = 0,
+    amp: bool = False,
+    compile: str | None = None,
+) -> dict:
     """Step time, images/s, FLOPs, achieved FLOP/s, MFU against this machine's matmul rate (best of
     several bursts before and after the step, spread reported), and peak memory (CPU: resident-set
     growth of the step); with `baseline`, the plain reference in the same run."""
@@ -371,25 +276,47 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     threads = threads or torch.get_num_threads()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if amp else torch.float32
-    spec = {"device": device, "model": model, "size": tuple(size), "batch": batch, "mode": mode,
-            "steps": steps, "threads": threads, "amp": amp}  # fmt: skip
+    spec = {
+        "device": device,
+        "model": model,
+        "size": tuple(size),
+        "batch": batch,
+        "mode": mode,
+        "steps": steps,
+        "threads": threads,
+        "amp": amp,
+    }
     before = matmul_rate(dtype, device)
-    ours = run_isolated({**spec, "reference": False, "channels_last": channels_last, "recompute": recompute,
-                         "compile": compile})  # fmt: skip
+    ours = run_isolated(
+        {
+            **spec,
+            "reference": False,
+            "channels_last": channels_last,
+            "recompute": recompute,
+            "compile": compile,
+        }
+    )
     after = matmul_rate(dtype, device)
     rate = {"best": max(before["best"], after["best"]), "worst": min(before["worst"], after["worst"])}
     achieved = ours["flops_per_image"] * batch / ours["seconds_per_step"]
     figures = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "model": model, "mode": mode, "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
-        "threads": threads, "channels_last": channels_last, "recompute": recompute, "compile": compile,
-        "precision": "bf16 autocast" if amp else "fp32", **ours,
+        "model": model,
+        "mode": mode,
+        "image_size": f"{size[0]}x{size[1]}",
+        "batch_size": batch,
+        "threads": threads,
+        "channels_last": channels_last,
+        "recompute": recompute,
+        "compile": compile,
+        "precision": "bf16 autocast" if amp else "fp32",
+        **ours,
         "images_per_s": batch / ours["seconds_per_step"],
         "achieved_flops_per_s": achieved,
         "matmul_flops_per_s": rate["best"],
         "matmul_spread": rate["worst"] / rate["best"],
         **mfu_figures(achieved, rate),
-    }  # fmt: skip
+    }
     if baseline:
         ref = run_isolated({**spec, "reference": True, "channels_last": False})
         figures["baseline_images_per_s"] = batch / ref["seconds_per_step"]
@@ -399,8 +326,13 @@ def bench_model(model: str, size, batch: int, mode: str = "train", steps: int = 
     return figures
 
 
-def bench_serve(url: str, image: str | Path, clients: int = 8, requests_per_client: int = 25,
-                plot: str | Path | None = None) -> dict:  # fmt: skip
+def bench_serve(
+    url: str,
+    image: str | Path,
+    clients: int = 8,
+    requests_per_client: int = 25,
+    plot: str | Path | None = None,
+) -> dict:
     """N concurrent clients, each posting the image `requests_per_client` times to a running `segnet serve`
     over HTTP: requests/s, latency percentiles, errors (any answer but 200), and a latency plot."""
     from concurrent.futures import ThreadPoolExecutor

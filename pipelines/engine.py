@@ -14,17 +14,12 @@ import torch.nn.functional as F
 from data_prep.device_augment import MEAN, STD, normalize
 from segnet import CLASSES
 from segnet.classes import NUM_CLASSES
-from segnet.errors import SegNetError
 from segnet.metrics import SegmentationMeter
-
-COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def use_compile(setting: str, device: torch.device) -> bool:
-    """`auto` compiles on CUDA, where it measured 1.33x the eager step (docs/benchmarks.md), and not on
-    the CPU, where compiling costs more than it returns over a short run."""
-    if setting not in COMPILE_CHOICES:
-        raise SegNetError(f"--compile {setting!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+    """`auto` (auto | on | off, pipelines/config.py) compiles on CUDA, where it measured 1.33x the eager step
+    (docs/benchmarks.md), and not on the CPU, where compiling costs more than it returns over a short run."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
@@ -41,9 +36,10 @@ def _inputs(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_epoch(model, batches, loss_fn, optimizer, device, amp=False, channels_last=False) -> dict:
+def train_epoch(model, batches, loss_fn, optimizer, device, amp=False, channels_last=False, progress=None):
     """One pass over the batches. Returns the mean loss, training images/s and the fraction of the epoch
-    spent waiting for the next batch (all excluding the first step, which may compile or warm up)."""
+    spent waiting for the next batch (all excluding the first step, which may compile or warm up).
+    `progress(n)`, if given, is told after each step how many images it took."""
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -65,6 +61,8 @@ def train_epoch(model, batches, loss_fn, optimizer, device, amp=False, channels_
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
+        if progress:
+            progress(len(x))
         if step == 0:
             sync()
             t0 = time.perf_counter()

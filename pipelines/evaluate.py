@@ -18,9 +18,14 @@ from segnet.errors import SegNetError
 
 
 def evaluate(
-    checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-    batch_size: int = 4, overlays: int = 4, compile: str = "auto",
-) -> dict:  # fmt: skip
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    batch_size: int = 4,
+    overlays: int = 4,
+    compile: str = "auto",
+) -> dict:
     """Score a checkpoint (folder or URI) on a split at the size it was trained at, full-resolution labels;
     the PNGs and metrics.json go to `out` (a folder or URI), default CHECKPOINT/eval-SPLIT."""
     manifest = read_manifest(data)

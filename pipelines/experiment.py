@@ -5,18 +5,19 @@ import csv
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from data_prep import storage
 from data_prep.augment import parse_size
 from data_prep.shards import init_ray, manifest_id, read_manifest
 from pipelines import tracking
-from pipelines.bench import measure_step
+from pipelines.config import Table1Config
 from pipelines.evaluate import evaluate
+from pipelines.measure import measure_step
 from pipelines.plots import save_table1_chart
 from pipelines.train import check_config, check_resources
-from pipelines.tune import TuneConfig, make_tuner, trial_config, weighting_modes
+from pipelines.tune import make_tuner, trial_config
 from segnet.errors import SegNetError
 from segnet.models import build_model, count_parameters
 from segnet.paper import PAPER_SOURCE, PAPER_TABLE1
@@ -24,79 +25,21 @@ from segnet.paper import PAPER_SOURCE, PAPER_TABLE1
 MEASURES = ("G", "C", "mIoU", "BF")
 BALANCING = {"median_frequency": "median frequency", "none": "natural frequency"}
 
-# The paper's recipe (Sec. 4.1): SGD, lr 0.1, momentum 0.9, batch 12, He initialisation, shuffled every
-# epoch; each run's checkpoint chosen by validation global accuracy. Profiles differ in size and length.
-LR = 0.1
-RECIPE = dict(batch_size=12, metric="val_global_accuracy", scheduler="fifo")
-PROFILES = {
-    # minutes, for tests: tiny images, one epoch
-    "smoke": dict(image_size="48x64", epochs=1, batch_size=4, max_concurrent=2, loader_workers=0,
-                  infer_size="48x64", converge=False),
-    # this 2-core CPU: quarter resolution, 20 epochs; 55 minutes for the default 3 variants x 2 modes
-    "cpu": dict(image_size="90x120", epochs=20, max_concurrent=2, loader_workers=1, infer_size="360x480",
-                converge=False),
-    # GPUs: full resolution, until the training loss stops falling (at most 300 epochs)
-    "paper": dict(image_size="360x480", epochs=300, max_concurrent=4, gpus_per_worker=1, loader_workers=4,
-                  compile="on", input="device", infer_size="360x480", converge=True),
-}  # fmt: skip
-DEFAULT_VARIANTS = {
-    "smoke": "segnet-basic,bilinear-interpolation",
-    "cpu": "segnet-basic,fcn-basic,bilinear-interpolation",
-    "paper": ",".join(PAPER_TABLE1),
-}
-
-
-@dataclass
-class Table1Config:
-    data: str
-    profile: str = "cpu"
-    variants: str | None = None  # comma-separated model names; default per profile
-    balancing: str = "median_frequency,none"
-    workers_per_trial: int = 1
-    out: str = "table1"
-    storage_path: str = "runs"
-    mlflow_uri: str | None = None
-    experiment: str = "segnet-table1"
-    name: str | None = None
-    address: str | None = None
-
-
-def variants_of(cfg: Table1Config) -> list[str]:
-    names = [v.strip() for v in (cfg.variants or DEFAULT_VARIANTS[cfg.profile]).split(",") if v.strip()]
-    bad = [v for v in names if v not in PAPER_TABLE1]
-    if not names or bad:
-        raise SegNetError(f"--variants {bad or cfg.variants!r}: choose from the Table 1 models: "
-                          f"{', '.join(PAPER_TABLE1)}")  # fmt: skip
-    return names
-
-
-def check_table1(cfg: Table1Config) -> tuple[list[str], list[str]]:
-    """The grid's variants and balancing modes, or a clear error before anything starts."""
-    if cfg.profile not in PROFILES:
-        raise SegNetError(f"unknown --profile {cfg.profile!r}; choose one of: {', '.join(PROFILES)}")
-    modes = weighting_modes(cfg.balancing)
-    if set(modes) - set(BALANCING):
-        raise SegNetError(f"--balancing {cfg.balancing!r}: Table 1 compares {' and '.join(BALANCING)}")
-    return variants_of(cfg), modes
-
-
-def search_config(cfg: Table1Config) -> TuneConfig:
-    """The profile as a TuneConfig: one trial per grid point, every trial the paper's recipe."""
-    settings = {k: v for k, v in PROFILES[cfg.profile].items() if k not in ("infer_size", "converge")}
-    return replace(
-        TuneConfig(data=cfg.data, model=variants_of(cfg)[0]), **{**RECIPE, **settings},
-        class_weighting=cfg.balancing, workers_per_trial=cfg.workers_per_trial, storage_path=cfg.storage_path,
-        mlflow_uri=cfg.mlflow_uri, experiment=cfg.experiment, address=cfg.address, num_samples=1,
-    )  # fmt: skip
-
 
 def inference_ms(model: str, size: tuple[int, int], steps: int) -> float:
     """Milliseconds per image, batch 1, on this machine (the paper's Table 1 column)."""
     import torch
 
-    spec = {"model": model, "size": size, "batch": 1, "mode": "infer", "steps": steps,
-            "threads": torch.get_num_threads(),
-            "reference": False, "channels_last": True}  # fmt: skip
+    spec = {
+        "model": model,
+        "size": size,
+        "batch": 1,
+        "mode": "infer",
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "reference": False,
+        "channels_last": True,
+    }
     return 1000 * measure_step(spec)["seconds_per_step"]
 
 
@@ -106,29 +49,42 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
     from ray.tune.stopper import TrialPlateauStopper
 
     t0 = time.perf_counter()
-    variants, modes = check_table1(cfg)
-    search = search_config(cfg)
+    variants, modes, train_cfg = cfg.variants, cfg.tune.class_weighting, cfg.tune.train
+    lr = cfg.tune.lr_max  # the paper's recipe fixes it (lr_min = lr_max in configs/table1-*.yaml)
     for v in variants:  # every mistake before Ray starts: the data, the image size for each variant
-        check_config(trial_config(search, LR, modes[0], "check", v))
-    uri = tracking.tracking_uri(cfg.mlflow_uri)
-    search.mlflow_uri, search.data = uri, storage.absolute(cfg.data)
-    search.storage_path = storage.absolute(cfg.storage_path)
-    name = cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    profile = PROFILES[cfg.profile]
-    init_ray(cfg.address)
-    check_resources(trial_config(search, LR, modes[0], "check"))  # e.g. the paper profile without GPUs
-    parent = tracking.start_run(uri, cfg.experiment, name, cfg, search.data, manifest_id(search.data))
+        check_config(trial_config(cfg.tune, lr, modes[0], "check", v))
+    uri = tracking.tracking_uri(train_cfg.mlflow_uri)
+    name = train_cfg.name or f"table1-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train_cfg = replace(
+        train_cfg,
+        mlflow_uri=uri,
+        data=storage.absolute(train_cfg.data),
+        storage_path=storage.absolute(train_cfg.storage_path),
+        name=name,
+    )
+    search = replace(cfg.tune, train=train_cfg, num_samples=1)
+    init_ray(train_cfg.address)
+    check_resources(trial_config(search, lr, modes[0], "check"))  # e.g. the paper profile without GPUs
+    parent = tracking.start_run(
+        uri, train_cfg.experiment, name, cfg, train_cfg.data, manifest_id(train_cfg.data)
+    )
     tracking.set_tags(uri, parent, {"profile": cfg.profile, "recipe": json.dumps(asdict(search))})
-    log(f"Table 1, profile {cfg.profile}: {len(variants)} variants x {len(modes)} balancing modes at "
-        f"{search.image_size}, {search.epochs} epochs; MLflow experiment {cfg.experiment!r}")  # fmt: skip
+    log(
+        f"Table 1, profile {cfg.profile}: {len(variants)} variants x {len(modes)} balancing modes at "
+        f"{train_cfg.image_size}, {train_cfg.epochs} epochs; MLflow experiment {train_cfg.experiment!r}"
+    )
 
     param_space = {
-        "model": tune.grid_search(variants), "class_weighting": tune.grid_search(modes), "lr": LR,
-        "search": asdict(search), "search_name": name, "parent_run_id": parent,
-    }  # fmt: skip
+        "model": tune.grid_search(variants),
+        "class_weighting": tune.grid_search(modes),
+        "lr": lr,
+        "search": asdict(search),
+        "search_name": name,
+        "parent_run_id": parent,
+    }
     stop = (
         TrialPlateauStopper("train_loss", std=0.002, num_results=10, grace_period=50, mode="min")
-        if profile["converge"]
+        if cfg.converge
         else None
     )
     results = make_tuner(search, name, param_space, 1, stop=stop).fit()
@@ -136,34 +92,50 @@ def run_table1(cfg: Table1Config, log=print) -> dict:
         tracking.end_run(uri, parent, "KILLED")
         raise SegNetError(f"experiment {name} was interrupted; no report written")
 
-    infer_size = parse_size(profile["infer_size"])
-    infer = {v: inference_ms(v, infer_size, 1 if cfg.profile == "smoke" else 5) for v in variants}
-    filesystem = storage.resolve(search.storage_path)[0]  # trials report checkpoint paths without a scheme
+    infer = {v: inference_ms(v, parse_size(cfg.infer_size), cfg.infer_steps) for v in variants}
+    filesystem = storage.resolve(train_cfg.storage_path)[0]  # trials report checkpoint paths without a scheme
     rows = []
     for r in results:
         model, mode = r.config["model"], r.config["class_weighting"]
-        df = None if r.metrics_dataframe is None else r.metrics_dataframe.dropna(subset=[search.metric])
+        df = None if r.metrics_dataframe is None else r.metrics_dataframe.dropna(subset=[train_cfg.metric])
         if r.error or df is None or df.empty:
             tracking.end_run(uri, parent, "FAILED")
             raise SegNetError(f"trial {model} / {mode} failed: {str(r.error).splitlines()[0]}")
-        best = df.loc[df[search.metric].idxmax()]
+        best = df.loc[df[train_cfg.metric].idxmax()]
         checkpoint = storage.uri(filesystem, best["checkpoint_path"])
-        test = evaluate(checkpoint, search.data, "test")
+        test = evaluate(checkpoint, train_cfg.data, "test")
         run_id = json.loads(storage.read_bytes(storage.join(checkpoint, "meta.json")))["mlflow_run_id"]
-        tracking.log_metrics(uri, run_id, {f"test_{k}": test[k] for k in ("global_accuracy", "class_accuracy",
-                                                                         "miou", "bf")}, step=0)  # fmt: skip
-        rows.append({
-            "variant": model, "balancing": mode, "epochs": int(df["epoch"].max()) + 1,
-            "best_epoch": int(best["epoch"]) + 1, "val_G": 100 * float(best[search.metric]),
-            "G": 100 * test["global_accuracy"], "C": 100 * test["class_accuracy"], "mIoU": 100 * test["miou"],
-            "BF": 100 * test["bf"], "mlflow_run_id": run_id, "checkpoint": checkpoint,
-        })  # fmt: skip
+        tracking.log_metrics(
+            uri,
+            run_id,
+            {f"test_{k}": test[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")},
+            step=0,
+        )
+        rows.append(
+            {
+                "variant": model,
+                "balancing": mode,
+                "epochs": int(df["epoch"].max()) + 1,
+                "best_epoch": int(best["epoch"]) + 1,
+                "val_G": 100 * float(best[train_cfg.metric]),
+                "G": 100 * test["global_accuracy"],
+                "C": 100 * test["class_accuracy"],
+                "mIoU": 100 * test["miou"],
+                "BF": 100 * test["bf"],
+                "mlflow_run_id": run_id,
+                "checkpoint": checkpoint,
+            }
+        )
     info = {
-        "profile": cfg.profile, "image_size": search.image_size, "epochs": search.epochs,
-        "infer_size": profile["infer_size"], "minutes": (time.perf_counter() - t0) / 60, "name": name,
-        "workers_per_trial": cfg.workers_per_trial,
-        "test_images": read_manifest(search.data)["splits"]["test"]["num_images"],
-    }  # fmt: skip
+        "profile": cfg.profile,
+        "image_size": train_cfg.image_size,
+        "epochs": train_cfg.epochs,
+        "infer_size": cfg.infer_size,
+        "minutes": (time.perf_counter() - t0) / 60,
+        "name": name,
+        "workers_per_trial": train_cfg.workers,
+        "test_images": read_manifest(train_cfg.data)["splits"]["test"]["num_images"],
+    }
     out = storage.absolute(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:  # a bucket gets a copy of the report written here
         report = write_report(rows, variants, modes, infer, info, Path(tmp if storage.is_uri(out) else out))
@@ -202,16 +174,26 @@ def check_conclusions(table: dict) -> list[dict]:
         for m in {m for _, m in pairs}:
             mine = [table[v][m] for v, mode in pairs if mode == m]
             mean_wins &= all(sum(s[i] for s in mine) / len(mine) > base[m][i] for i in range(4))
-        out.append({"claim": 1, "verdict": mean_wins,
-                    "detail": f"the learned decoders' mean beats bilinear on every measure: {mean_wins}; "
-                              f"{wins} of {4 * len(pairs)} single comparisons won"})  # fmt: skip
+        out.append(
+            {
+                "claim": 1,
+                "verdict": mean_wins,
+                "detail": f"the learned decoders' mean beats bilinear on every measure: {mean_wins}; "
+                f"{wins} of {4 * len(pairs)} single comparisons won",
+            }
+        )
     # 2. SegNet-Basic about as good as FCN-Basic (within 2 points of G and mIoU) while storing only indices.
     modes = [m for m in table.get("segnet-basic", {}) if m in table.get("fcn-basic", {})]
     if not modes:
         out.append({"claim": 2, "verdict": None, "detail": "needs segnet-basic and fcn-basic"})
     else:
-        gaps = {m: (table["segnet-basic"][m][0] - table["fcn-basic"][m][0],
-                    table["segnet-basic"][m][2] - table["fcn-basic"][m][2]) for m in modes}  # fmt: skip
+        gaps = {
+            m: (
+                table["segnet-basic"][m][0] - table["fcn-basic"][m][0],
+                table["segnet-basic"][m][2] - table["fcn-basic"][m][2],
+            )
+            for m in modes
+        }
         ok = all(g >= -2.0 and i >= -2.0 for g, i in gaps.values())
         detail = "; ".join(f"{BALANCING[m]}: G {g:+.1f}, mIoU {i:+.1f} points" for m, (g, i) in gaps.items())
         out.append({"claim": 2, "verdict": ok, "detail": f"SegNet-Basic minus FCN-Basic, {detail}"})
@@ -223,22 +205,33 @@ def check_conclusions(table: dict) -> list[dict]:
         dc = [table[v]["median_frequency"][1] - table[v]["none"][1] for v in both]
         di = [table[v]["median_frequency"][2] - table[v]["none"][2] for v in both]
         ok = sum(dc) > 0 and sum(di) > 0
-        out.append({"claim": 3, "verdict": ok,
-                    "detail": f"mean change C {sum(dc) / len(dc):+.1f}, mIoU {sum(di) / len(di):+.1f} "
-                              "points; "
-                              f"C up in {sum(d > 0 for d in dc)} of {len(dc)} variants, mIoU up in "
-                              f"{sum(d > 0 for d in di)} of {len(di)}"})  # fmt: skip
+        out.append(
+            {
+                "claim": 3,
+                "verdict": ok,
+                "detail": f"mean change C {sum(dc) / len(dc):+.1f}, mIoU {sum(di) / len(di):+.1f} "
+                "points; "
+                f"C up in {sum(d > 0 for d in dc)} of {len(dc)} variants, mIoU up in "
+                f"{sum(d > 0 for d in di)} of {len(di)}",
+            }
+        )
     return out
 
 
 CLAIMS = {
-    1: ("Learned decoders beat bilinear interpolation on every measure",
-        "the learned decoders' mean G, C, mIoU and BF each above bilinear's, in every balancing mode run"),
-    2: ("SegNet-Basic performs about as well as FCN-Basic while storing only the pooling indices",
-        "SegNet-Basic's G and mIoU no more than 2 points below FCN-Basic's, storage 1 against 11"),
-    3: ("Median-frequency balancing raises class average accuracy (C) and mIoU over natural frequency",
-        "C and mIoU, averaged over the variants run, higher with median frequency"),
-}  # fmt: skip
+    1: (
+        "Learned decoders beat bilinear interpolation on every measure",
+        "the learned decoders' mean G, C, mIoU and BF each above bilinear's, in every balancing mode run",
+    ),
+    2: (
+        "SegNet-Basic performs about as well as FCN-Basic while storing only the pooling indices",
+        "SegNet-Basic's G and mIoU no more than 2 points below FCN-Basic's, storage 1 against 11",
+    ),
+    3: (
+        "Median-frequency balancing raises class average accuracy (C) and mIoU over natural frequency",
+        "C and mIoU, averaged over the variants run, higher with median frequency",
+    ),
+}
 
 
 def verdict(v: bool | None) -> str:
@@ -250,8 +243,19 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     ours = ours_table(rows)
-    header = ["variant", "paper_name", "params_m", "paper_params_m", "storage", "paper_storage", "infer_ms",
-              "paper_infer_ms", "balancing", "epochs", "best_epoch"]  # fmt: skip
+    header = [
+        "variant",
+        "paper_name",
+        "params_m",
+        "paper_params_m",
+        "storage",
+        "paper_storage",
+        "infer_ms",
+        "paper_infer_ms",
+        "balancing",
+        "epochs",
+        "best_epoch",
+    ]
     header += [f"{w}{m}" for m in MEASURES for w in ("", "paper_")]
     lines = []
     for v in variants:
@@ -259,9 +263,19 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
         paper = PAPER_TABLE1[v]
         for m in modes:
             row = next(r for r in rows if r["variant"] == v and r["balancing"] == m)
-            values = [v, paper["paper_name"], count_parameters(model) / 1e6, paper["params_m"],
-                      model.storage_multiplier, paper["storage"], infer[v], paper["infer_ms"], m,
-                      row["epochs"], row["best_epoch"]]  # fmt: skip
+            values = [
+                v,
+                paper["paper_name"],
+                count_parameters(model) / 1e6,
+                paper["params_m"],
+                model.storage_multiplier,
+                paper["storage"],
+                infer[v],
+                paper["infer_ms"],
+                m,
+                row["epochs"],
+                row["best_epoch"],
+            ]
             for i, k in enumerate(MEASURES):
                 values += [row[k], paper[m][i]]
             lines.append(dict(zip(header, values)))
@@ -284,9 +298,12 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
         "",
     ]
     for m in modes:
-        md += [f"## {BALANCING[m]} balancing", "",
-               "| variant | params (M) | storage | infer ms | epochs (best) | G | C | mIoU | BF |",
-               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        md += [
+            f"## {BALANCING[m]} balancing",
+            "",
+            "| variant | params (M) | storage | infer ms | epochs (best) | G | C | mIoU | BF |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for line in (x for x in lines if x["balancing"] == m):
             storage = "n/a" if line["paper_storage"] is None else line["paper_storage"]
             md.append(
@@ -302,9 +319,12 @@ def write_report(rows, variants, modes, infer: dict, info: dict, out: Path) -> P
     for ours_c, paper_c in zip(check_conclusions(ours), check_conclusions(paper_table)):
         n = ours_c["claim"]
         claim, criterion = CLAIMS[n]
-        md += [f"{n}. **{claim}**: {verdict(ours_c['verdict'])} here (criterion: {criterion}).",
-               f"   Ours: {ours_c['detail']}.",
-               f"   The paper's figures for the same variants: {paper_c['detail']}.", ""]  # fmt: skip
+        md += [
+            f"{n}. **{claim}**: {verdict(ours_c['verdict'])} here (criterion: {criterion}).",
+            f"   Ours: {ours_c['detail']}.",
+            f"   The paper's figures for the same variants: {paper_c['detail']}.",
+            "",
+        ]
     md += ["![test mIoU and BF per variant, ours beside the paper's](table1.png)", ""]
     (tmp / "table1.md").write_text("\n".join(md))
     (tmp / "table1.json").write_text(json.dumps({"info": info, "rows": lines}, indent=2))

@@ -68,12 +68,25 @@ def export_onnx(uri: str, ref: str, out: str | Path | None, source: str | Path, 
     batch = torch.export.Dim("batch", min=1, max=1024)
     example = torch.from_numpy(np.concatenate([x[:1], x[:1]]))  # an example batch of 1 would fix it at 1
     with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines; stdout is the report
-        torch.onnx.export(model, (example,), str(out), dynamo=True, verbose=False,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},))  # fmt: skip
+        torch.onnx.export(
+            model,
+            (example,),
+            str(out),
+            dynamo=True,
+            verbose=False,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+        )
     proto = onnx.load(str(out))
-    info = {"model": f"models:/{shown['name']}/{shown['version']}", "mean": MEAN, "std": STD,
-            "image_size": size, "classes": CLASSES, "test_metrics": shown["metrics"]}  # fmt: skip
+    info = {
+        "model": f"models:/{shown['name']}/{shown['version']}",
+        "mean": MEAN,
+        "std": STD,
+        "image_size": size,
+        "classes": CLASSES,
+        "test_metrics": shown["metrics"],
+    }
     for key, value in info.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(proto, str(out))

@@ -28,7 +28,7 @@ import torch
 from data_prep.compact import read_compact
 from data_prep.device_augment import AugmentConfig, DeviceBatches
 from pipelines import engine
-from pipelines.bench import matmul_rate, mfu_figures, run_isolated
+from pipelines.measure import matmul_rate, mfu_figures, run_isolated
 from segnet import NUM_CLASSES, VOID, build_model, class_weights, segmentation_loss
 from segnet.metrics import boundary_f1_per_image, boundary_f1_torch
 
@@ -71,19 +71,40 @@ def step_rows(
         if time.monotonic() > deadline:
             rows.append({**row, "skipped": "time budget spent"})
             continue
-        spec = {"device": device, "model": model, "size": tuple(size), "batch": batch, "mode": "train",
-                "steps": steps, "threads": torch.get_num_threads(), "amp": amp, "reference": reference,
-                "channels_last": channels_last, "compile": mode, "tf32": False}  # fmt: skip
+        spec = {
+            "device": device,
+            "model": model,
+            "size": tuple(size),
+            "batch": batch,
+            "mode": "train",
+            "steps": steps,
+            "threads": torch.get_num_threads(),
+            "amp": amp,
+            "reference": reference,
+            "channels_last": channels_last,
+            "compile": mode,
+            "tf32": False,
+        }
         try:
             m = run_isolated(spec, timeout=max(deadline - time.monotonic(), 10))
         except Exception as e:  # noqa: BLE001 - one failing variant is a finding, not the end of the check
             rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
             continue
         achieved = m["flops_per_image"] * batch / m["seconds_per_step"]
-        print(f"  {name}, {row['precision']}: {batch / m['seconds_per_step']:.1f} img/s "
-              f"(warm-up {m['warmup_s']:.0f} s)", flush=True)  # fmt: skip
-        rows.append({**row, **m, "images_per_s": batch / m["seconds_per_step"],
-                     "achieved_flops_per_s": achieved, **mfu_figures(achieved, rates[amp])})  # fmt: skip
+        print(
+            f"  {name}, {row['precision']}: {batch / m['seconds_per_step']:.1f} img/s "
+            f"(warm-up {m['warmup_s']:.0f} s)",
+            flush=True,
+        )
+        rows.append(
+            {
+                **row,
+                **m,
+                "images_per_s": batch / m["seconds_per_step"],
+                "achieved_flops_per_s": achieved,
+                **mfu_figures(achieved, rates[amp]),
+            }
+        )
     after = {amp: matmul_rate(torch.bfloat16 if amp else torch.float32, device) for amp in (True, False)}
     for row in rows:  # the denominators: best over the bursts before and after all rows
         amp = row["precision"].startswith("bf16")
@@ -91,19 +112,31 @@ def step_rows(
         row["matmul_flops_per_s"] = best
         if "achieved_flops_per_s" in row:
             row.update(mfu_figures(row["achieved_flops_per_s"], {"best": best}))
-        base = next((r for r in rows if r["row"] == "plain reference, channels_last"
-                     and r["precision"] == row["precision"] and "images_per_s" in r), None)  # fmt: skip
+        base = next(
+            (
+                r
+                for r in rows
+                if r["row"] == "plain reference, channels_last"
+                and r["precision"] == row["precision"]
+                and "images_per_s" in r
+            ),
+            None,
+        )
         if base and "images_per_s" in row:
             row["speed_vs_plain_channels_last"] = row["images_per_s"] / base["images_per_s"]
-    spread = {("bf16" if amp else "fp32"): min(rates[amp]["worst"], after[amp]["worst"])
-              / max(rates[amp]["best"], after[amp]["best"]) for amp in (True, False)}  # fmt: skip
+    spread = {
+        ("bf16" if amp else "fp32"): min(rates[amp]["worst"], after[amp]["worst"])
+        / max(rates[amp]["best"], after[amp]["best"])
+        for amp in (True, False)
+    }
     return {"rows": rows, "matmul_spread": spread}
 
 
 def input_path(images, labels, device, size, batch: int) -> dict:
     """Augmented samples/s of the device path (resident split), and JPEG decode per CPU core."""
-    batches = DeviceBatches(images, labels, batch, size, augment=AugmentConfig(*size), drop_last=True,
-                            device=device)  # fmt: skip
+    batches = DeviceBatches(
+        images, labels, batch, size, augment=AugmentConfig(*size), drop_last=True, device=device
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in batches:  # warm-up
         break
@@ -114,9 +147,12 @@ def input_path(images, labels, device, size, batch: int) -> dict:
         for x, _ in batches:
             n += len(x)
     sync()
-    return {"device_augment_samples_per_s": n / (time.perf_counter() - t0), "batch_size": batch,
-            "augment_size": f"{size[0]}x{size[1]}",
-            "resident_bytes": batches.images.numel() + batches.labels.numel()}  # fmt: skip
+    return {
+        "device_augment_samples_per_s": n / (time.perf_counter() - t0),
+        "batch_size": batch,
+        "augment_size": f"{size[0]}x{size[1]}",
+        "resident_bytes": batches.images.numel() + batches.labels.numel(),
+    }
 
 
 def bf_check(labels: np.ndarray, device) -> dict:
@@ -137,8 +173,13 @@ def bf_check(labels: np.ndarray, device) -> dict:
     t0 = time.perf_counter()
     dev = boundary_f1_torch(p, t).cpu().numpy()
     dev_s = time.perf_counter() - t0
-    return {"images": len(target), "max_abs_difference": float(np.nanmax(np.abs(cpu - dev))),
-            "scipy_cpu_s": cpu_s, "torch_device_s": dev_s, "speedup": cpu_s / dev_s}  # fmt: skip
+    return {
+        "images": len(target),
+        "max_abs_difference": float(np.nanmax(np.abs(cpu - dev))),
+        "scipy_cpu_s": cpu_s,
+        "torch_device_s": dev_s,
+        "speedup": cpu_s / dev_s,
+    }
 
 
 def median_frequency(labels: np.ndarray) -> np.ndarray:
@@ -161,8 +202,9 @@ def short_training(data, device, size, batch: int, seconds: float, compile: bool
         engine.compile_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loss_fn = segmentation_loss(median_frequency(labels)).to(device)
-    train = DeviceBatches(images, labels, batch, size, augment=AugmentConfig(*size), drop_last=True,
-                          device=device)  # fmt: skip
+    train = DeviceBatches(
+        images, labels, batch, size, augment=AugmentConfig(*size), drop_last=True, device=device
+    )
     test = DeviceBatches(test_images, test_labels, batch, size, device=device)
     amp = device.type == "cuda"
     history, t0, epoch = [], time.perf_counter(), 0
@@ -170,47 +212,67 @@ def short_training(data, device, size, batch: int, seconds: float, compile: bool
         train.set_epoch(epoch)
         stats = engine.train_epoch(model, train, loss_fn, optimizer, device, amp=amp, channels_last=True)
         history.append({"epoch": epoch, **stats})
-        print(f"  epoch {epoch + 1}: loss {stats['train_loss']:.3f}, "
-              f"{stats['train_images_per_s']:.0f} img/s, data wait {stats['data_wait_fraction']:.1%}",
-              flush=True)  # fmt: skip
+        print(
+            f"  epoch {epoch + 1}: loss {stats['train_loss']:.3f}, "
+            f"{stats['train_images_per_s']:.0f} img/s, data wait {stats['data_wait_fraction']:.1%}",
+            flush=True,
+        )
         epoch += 1
     train_s = time.perf_counter() - t0
     meter, _ = engine.evaluate(model, test, device, amp=amp, channels_last=True)
     s = meter.compute()
-    return {"model": "segnet-basic", "image_size": f"{size[0]}x{size[1]}", "batch_size": batch,
-            "epochs": epoch, "train_seconds": train_s, "compiled": compile, "history": history,
-            "test_images": len(test_images), "test_global_accuracy": s["global_accuracy"],
-            "test_class_accuracy": s["class_accuracy"], "test_miou": s["miou"],
-            "test_bf": s["bf"]}  # fmt: skip
+    return {
+        "model": "segnet-basic",
+        "image_size": f"{size[0]}x{size[1]}",
+        "batch_size": batch,
+        "epochs": epoch,
+        "train_seconds": train_s,
+        "compiled": compile,
+        "history": history,
+        "test_images": len(test_images),
+        "test_global_accuracy": s["global_accuracy"],
+        "test_class_accuracy": s["class_accuracy"],
+        "test_miou": s["miou"],
+        "test_bf": s["bf"],
+    }
 
 
 def summary_md(report: dict) -> str:
-    lines = [f"# GPU check, {report['device']}, {report['date']}", "",
-             f"torch {report['torch']}; {report['settings']}", "",
-             "| variant | precision | img/s | MFU | vs plain channels_last | peak memory MiB | warm-up s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"# GPU check, {report['device']}, {report['date']}",
+        "",
+        f"torch {report['torch']}; {report['settings']}",
+        "",
+        "| variant | precision | img/s | MFU | vs plain channels_last | peak memory MiB | warm-up s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in report["steps"]["rows"]:
         if "images_per_s" not in r:
             lines.append(f"| {r['row']} | {r['precision']} | {r.get('skipped') or r.get('error')} | | | | |")
             continue
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else r.get("mfu_error", "")
-        lines.append(f"| {r['row']} | {r['precision']} | {r['images_per_s']:.0f} | {mfu} | "
-                     f"{r.get('speed_vs_plain_channels_last', float('nan')):.2f}x | "
-                     f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['warmup_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['row']} | {r['precision']} | {r['images_per_s']:.0f} | {mfu} | "
+            f"{r.get('speed_vs_plain_channels_last', float('nan')):.2f}x | "
+            f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['warmup_s']:.0f} |"
+        )
     spread = ", ".join(f"{k} {v:.0%}" for k, v in report["steps"]["matmul_spread"].items())
     lines += ["", f"Matmul rate (MFU denominator, best burst): worst burst / best = {spread}.", ""]
     i, b, t = report["input"], report["bf"], report["training"]
     last = t["history"][-1]
-    lines += [f"Input: device-side augmentation {i['device_augment_samples_per_s']:,.0f} samples/s at "
-              f"{i['augment_size']} (batch {i['batch_size']}); JPEG decode "
-              f"{report['jpeg_decode_per_core_per_s']:.0f} images/s per CPU core.",
-              f"BF: device {b['torch_device_s']:.3f} s vs scipy {b['scipy_cpu_s']:.2f} s on {b['images']} "
-              f"test labels ({b['speedup']:.0f}x); max |difference| {b['max_abs_difference']:.1e}.",
-              f"Training: {t['model']} {t['image_size']}, {t['epochs']} epochs in {t['train_seconds']:.0f} s"
-              f" (compiled: {t['compiled']}; last epoch {last['train_images_per_s']:.0f} img/s, data "
-              f"wait {last['data_wait_fraction']:.1%}); test G {t['test_global_accuracy']:.3f}, "
-              f"C {t['test_class_accuracy']:.3f}, mIoU {t['test_miou']:.3f}, BF {t['test_bf']:.3f} "
-              f"({t['test_images']} images).", ""]  # fmt: skip
+    lines += [
+        f"Input: device-side augmentation {i['device_augment_samples_per_s']:,.0f} samples/s at "
+        f"{i['augment_size']} (batch {i['batch_size']}); JPEG decode "
+        f"{report['jpeg_decode_per_core_per_s']:.0f} images/s per CPU core.",
+        f"BF: device {b['torch_device_s']:.3f} s vs scipy {b['scipy_cpu_s']:.2f} s on {b['images']} "
+        f"test labels ({b['speedup']:.0f}x); max |difference| {b['max_abs_difference']:.1e}.",
+        f"Training: {t['model']} {t['image_size']}, {t['epochs']} epochs in {t['train_seconds']:.0f} s"
+        f" (compiled: {t['compiled']}; last epoch {last['train_images_per_s']:.0f} img/s, data "
+        f"wait {last['data_wait_fraction']:.1%}); test G {t['test_global_accuracy']:.3f}, "
+        f"C {t['test_class_accuracy']:.3f}, mIoU {t['test_miou']:.3f}, BF {t['test_bf']:.3f} "
+        f"({t['test_images']} images).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -232,8 +294,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu {platform.machine()}"
-    report = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-              "settings": f"{model}, batch {batch}, {size[0]}x{size[1]}, train step, no TF32"}  # fmt: skip
+    report = {
+        "device": name,
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "settings": f"{model}, batch {batch}, {size[0]}x{size[1]}, train step, no TF32",
+    }
 
     def save():
         tmp = out / "gpu-check.json.tmp"
@@ -249,8 +315,10 @@ def main(argv=None) -> int:
         save()
 
     deadline = start + args.budget_s - args.train_s
-    section("steps", lambda: step_rows(device.type, model, size, batch, steps, deadline, args.tiny,
-                                       args.eager_only))  # fmt: skip
+    section(
+        "steps",
+        lambda: step_rows(device.type, model, size, batch, steps, deadline, args.tiny, args.eager_only),
+    )
     images, labels = read_compact(args.data, "test", 8 if args.tiny else None)
     t0 = time.perf_counter()
     read_compact(args.data, "test", 24)
@@ -258,9 +326,18 @@ def main(argv=None) -> int:
     section("input", lambda: input_path(images, labels, device, size, batch))
     section("bf", lambda: bf_check(labels, device))
     train_s = 1 if args.tiny else args.train_s
-    section("training", lambda: short_training(args.data, device, size, batch, train_s,
-                                               compile=device.type == "cuda" and not args.eager_only,
-                                               tiny=args.tiny))  # fmt: skip
+    section(
+        "training",
+        lambda: short_training(
+            args.data,
+            device,
+            size,
+            batch,
+            train_s,
+            compile=device.type == "cuda" and not args.eager_only,
+            tiny=args.tiny,
+        ),
+    )
     report["seconds"] = time.monotonic() - start
     save()
     failed = [k for k in ("steps", "input", "bf", "training") if "error" in report[k]]

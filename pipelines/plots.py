@@ -16,11 +16,21 @@ from segnet import CLASSES  # noqa: E402
 # The SegNet CamVid palette (Sky .. Bicyclist), void black.
 PALETTE = np.array(
     [
-        [128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
-        [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192], [0, 0, 0],
+        [128, 128, 128],
+        [128, 0, 0],
+        [192, 192, 128],
+        [128, 64, 128],
+        [60, 40, 222],
+        [128, 128, 0],
+        [192, 128, 128],
+        [64, 64, 128],
+        [64, 0, 128],
+        [64, 64, 0],
+        [0, 128, 192],
+        [0, 0, 0],
     ],
     dtype=np.uint8,
-)  # fmt: skip
+)
 
 
 def display_image(x: torch.Tensor, size) -> np.ndarray:
@@ -83,8 +93,15 @@ def save_confusion_matrix(cm: np.ndarray, path: Path, title: str = "confusion ma
     for i in range(len(norm)):
         for j in range(len(norm)):
             if norm[i, j] >= 0.01:
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -100,8 +117,12 @@ def save_curves(history: list[dict], path: Path) -> Path:
     a.plot(epochs, [h["train_loss"] for h in history], marker="o")
     a.set_xlabel("epoch")
     a.set_ylabel("training loss")
-    for key, name in [("val_global_accuracy", "G"), ("val_class_accuracy", "C"), ("val_miou", "mIoU"),
-                      ("val_bf", "BF")]:  # fmt: skip
+    for key, name in [
+        ("val_global_accuracy", "G"),
+        ("val_class_accuracy", "C"),
+        ("val_miou", "mIoU"),
+        ("val_bf", "BF"),
+    ]:
         b.plot(epochs, [h[key] for h in history], marker="o", label=name)
     b.set_xlabel("epoch")
     b.set_ylim(0, 1)

@@ -3,24 +3,15 @@
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from data_prep.download import download
 from data_prep.shards import prepare
 from pipelines import registry
+from pipelines.config import RunConfig
 from pipelines.predict import predict
 from pipelines.tracking import tracking_uri
-from pipelines.tune import TuneConfig, tune_search
-
-# `small` fits this 2-core CPU machine (measured in README); `paper` is the paper's recipe for GPUs.
-PROFILES = {
-    "small": dict(model="segnet-basic", image_size="90x120", num_samples=4, epochs=3, max_concurrent=2,
-                  workers_per_trial=1, batch_size=6, lr_min=0.01, lr_max=0.2, loader_workers=1),
-    "paper": dict(model="segnet-basic", image_size="360x480", num_samples=8, epochs=100, max_concurrent=4,
-                  workers_per_trial=1, gpus_per_worker=1, batch_size=12, lr_min=0.01, lr_max=0.2,
-                  grace_period=10, loader_workers=4),
-}  # fmt: skip
+from pipelines.tune import tune_search
 
 
 def find_camvid(source: str | None) -> Path:
@@ -32,27 +23,25 @@ def find_camvid(source: str | None) -> Path:
     return download("data/CamVid")
 
 
-def run(profile: str = "small", source: str | None = None, out: str = "shards", storage: str = "runs",
-        mlflow_uri: str | None = None, register_as: str = "segnet-camvid") -> dict:  # fmt: skip
+def run(cfg: RunConfig) -> dict:
+    """The whole job with one config (configs/small.yaml by default, configs/paper.yaml on GPUs)."""
     t0 = time.perf_counter()
-    settings = PROFILES[profile]
-    print(f"profile {profile}: {json.dumps(settings)}")
-    if profile == "small":
-        print("small profile: 90x120 pixels, 4 trials of at most 3 epochs: about 8 minutes on 2 CPU cores")
-    camvid = find_camvid(source)
-    prepare(camvid, out)
-    cfg = replace(TuneConfig(data=out), storage_path=storage, mlflow_uri=mlflow_uri, register_as=register_as,
-                  **settings)  # fmt: skip
-    summary = tune_search(cfg)
-    uri = tracking_uri(mlflow_uri)
-    entry = registry.show(uri, f"{register_as}@champion")
+    train_cfg = cfg.tune.train
+    print(
+        f"segnet run: {cfg.tune.num_samples} trials of at most {train_cfg.epochs} epochs of "
+        f"{train_cfg.model} at {train_cfg.image_size or 'full size'}, {cfg.tune.max_concurrent} at a time"
+    )
+    camvid = find_camvid(cfg.source)
+    prepare(camvid, train_cfg.data)
+    summary = tune_search(cfg.tune)
+    uri = tracking_uri(train_cfg.mlflow_uri)
+    champion = f"{cfg.tune.register_as}@champion"
+    entry = registry.show(uri, champion)
     print("registry entry:\n" + json.dumps(entry, indent=2, default=str))
     image = sorted((camvid / "test").glob("*.png"))[0]
-    written = predict(uri, f"models:/{register_as}@champion", image, "run-output", with_overlay=True)[
-        "written"
-    ]
-    overlay = Path("run-output") / f"{image.stem}_overlay.png"
+    written = predict(uri, f"models:/{champion}", image, cfg.output, with_overlay=True)["written"]
+    overlay = Path(cfg.output) / f"{image.stem}_overlay.png"
     print(f"prediction: {written[0]} (class indices), overlay: {overlay}")
     minutes = (time.perf_counter() - t0) / 60
-    print(f"segnet run ({profile}) finished in {minutes:.1f} minutes")
+    print(f"segnet run finished in {minutes:.1f} minutes")
     return {"summary": summary, "registry": entry, "overlay": str(overlay), "minutes": minutes}

@@ -112,8 +112,12 @@ class SegNetServer:
         if fmt == "json":
             counts = np.bincount(labels.ravel(), minlength=len(CLASSES))
             h, w = labels.shape
-            body = {"version": version, "height": h, "width": w,
-                    "counts": {name: int(n) for name, n in zip(CLASSES, counts)}}  # fmt: skip
+            body = {
+                "version": version,
+                "height": h,
+                "width": w,
+                "counts": {name: int(n) for name, n in zip(CLASSES, counts)},
+            }
             return JSONResponse(body, headers=headers)
         png = io.BytesIO()
         Image.fromarray(labels).save(png, format="PNG")

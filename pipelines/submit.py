@@ -12,7 +12,11 @@ PROJECT = Path(__file__).resolve().parent.parent
 # What the job's working directory must not carry: environments, data, runs, local stores.
 EXCLUDES = [".venv", ".git", "runs", "shards", "data", "mlartifacts", "mlruns.db", "*.egg-info",
             "__pycache__", ".pytest_cache", ".ruff_cache"]  # fmt: skip
-STORAGE_STEPS = {"train", "tune", "run"}
+STORAGE_OPTION = {
+    "train": "--storage_path",
+    "tune": "--train.storage_path",
+    "run": "--tune.train.storage_path",
+}
 PACKAGES = ("segnet", "data_prep", "pipelines")
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "CAMVID_DIR")
 
@@ -24,8 +28,10 @@ def job_entrypoint(args: list[str], storage: str | None) -> str:
             "nothing to submit: give a subcommand after --, e.g. segnet submit -- tune --data ..."
         )
     args = list(args)
-    if storage and args[0] in STORAGE_STEPS and "--storage-path" not in args:
-        args += ["--storage-path", storage]
+    option = STORAGE_OPTION.get(args[0])
+    given = any(a.replace("-", "_").split("=")[0].endswith("storage_path") for a in args)
+    if storage and option and not given:
+        args += [option, storage]
     return "python -m pipelines.cli " + shlex.join(args)
 
 

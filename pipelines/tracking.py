@@ -109,6 +109,14 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}: a nested config as MLflow params."""
+    flat = {}
+    for k, v in values.items():
+        flat.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
 def start_run(
     uri: str,
     experiment: str,
@@ -125,7 +133,7 @@ def start_run(
     tags = {"mlflow.parentRunId": parent} if parent else None
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     rid = run.info.run_id
-    params = {k: str(v) for k, v in asdict(config).items() if v is not None}
+    params = {k: str(v) for k, v in flatten(asdict(config)).items() if v is not None}
     for i in range(0, len(params), 90):
         chunk = dict(list(params.items())[i : i + 90])
         c.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in chunk.items()])
@@ -170,28 +178,30 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
 
 
 class MetricBuffer:
-    """Per-epoch metrics that reach the server in order, whenever it answers: an epoch logged while the
-    server is down waits here and goes with the next one. Each batch keeps the timestamp of its epoch, so
-    sending a batch again (its answer lost) stores no second point."""
+    """Per-epoch metrics (and tags) that reach the server in order, whenever it answers: an epoch logged
+    while the server is down waits here and goes with the next one. Each batch keeps the timestamp of its
+    epoch, so sending a batch again (its answer lost) stores no second point."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id, self.pending, self.down = uri, run_id, [], False
 
-    def add(self, metrics: dict, step: int) -> None:
-        self.pending.append(metric_batch(metrics, step))
+    def add(self, metrics: dict, step: int, tags: dict | None = None) -> None:
+        self.pending.append(
+            (step, metric_batch(metrics, step), [RunTag(k, str(v)) for k, v in (tags or {}).items()])
+        )
         self.flush()
 
     def flush(self) -> None:
         c = client(self.uri)
         while self.pending:
+            step, metrics, tags = self.pending[0]
             try:
-                c.log_batch(self.run_id, metrics=self.pending[0])
+                c.log_batch(self.run_id, metrics=metrics, tags=tags)
             except Exception as e:  # noqa: BLE001 - training goes on; the driver logs what is missing
                 line = str(e).splitlines()[0][:200]
                 if not unreachable(e):
-                    print(
-                        f"MLflow at {self.uri} refused step {self.pending.pop(0)[0].step}: {line}", flush=True
-                    )
+                    print(f"MLflow at {self.uri} refused the metrics of step {step}: {line}", flush=True)
+                    self.pending.pop(0)
                     continue
                 if not self.down:
                     print(

@@ -8,7 +8,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,54 +27,19 @@ from data_prep.augment import (
 from data_prep.device_augment import DeviceBatches
 from data_prep.shards import ShardReader, init_ray, manifest_id, read_manifest, verify_shards
 from pipelines import checkpoint as ckpt_io
-from pipelines import tracking
-from pipelines.engine import COMPILE_CHOICES, compile_model, evaluate, scores, train_epoch, use_compile
+from pipelines import console, tracking
+from pipelines.config import TrainConfig, worker_range
+from pipelines.engine import compile_model, evaluate, scores, train_epoch, use_compile
 from pipelines.plots import display_image, save_confusion_matrix, save_curves, save_overlay
-from segnet import MODELS, segmentation_loss
+from segnet import segmentation_loss
 from segnet.errors import SegNetError
-from segnet.losses import WEIGHTING_MODES
 from segnet.models import min_input_size, model_from_meta
 
-METRICS = ("val_miou", "val_global_accuracy", "val_class_accuracy", "val_bf")
-INPUTS = ("auto", "loader", "device")
 RUN_FILE = "segnet_run.json"
 PLOTS = "plots"  # the last checkpoint's PNGs, logged to MLflow under this name
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    model: str = "segnet-basic"
-    workers: int = 2
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0
-    epochs: int = 10
-    batch_size: int = 12  # global: split evenly across workers
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    class_weighting: str = "median_frequency"
-    image_size: str | None = None  # HxW; None keeps the data's size (CamVid 360x480)
-    seed: int = 0
-    dropout: float = 0.0
-    vgg16_weights: str | None = None
-    sync_bn: bool = False
-    amp: bool = False
-    channels_last: bool = True  # NHWC: faster convs and pooling on CPU (docs/benchmarks.md)
-    recompute: int = 0  # segnet: blocks of the N largest resolutions recomputed in backward
-    compile: str = "auto"  # torch.compile: auto = on CUDA only (pipelines/engine.py says why)
-    input: str = "auto"  # loader (albumentations in DataLoader workers) | device (augment on the device);
-    # auto = device on GPU workers, loader on CPU workers
-    metric: str = "val_miou"
-    max_failures: int = 0
-    placement_timeout: float = 0  # seconds to wait for an autoscaler to add nodes; 0: fail at once
-    keep_checkpoints: int = 3
-    loader_workers: int = 1
-    storage_path: str = "runs"
-    name: str | None = None
-    mlflow_uri: str | None = None
-    experiment: str = "segnet-camvid"
-    address: str | None = None
+# While an elastic run is healthy, Ray Train asks this often whether more workers fit now (its default). A
+# resize restarts the workers from the last checkpoint, so the epoch in progress is trained again.
+RESIZE_CHECK_S = 60.0
 
 
 def image_size(cfg: TrainConfig, shard_dir: str) -> tuple[int, int]:
@@ -85,66 +50,39 @@ def image_size(cfg: TrainConfig, shard_dir: str) -> tuple[int, int]:
 
 
 def check_config(cfg: TrainConfig, num_classes: int | None = None) -> dict:
-    """Every mistake that can be caught before a worker starts, each with the value and what was expected."""
-    if cfg.model not in MODELS:
-        raise SegNetError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    """What depends on the data, checked before any worker starts (TrainConfig checks its own values)."""
     manifest = read_manifest(cfg.data)
     verify_shards(cfg.data, manifest, "train")
     verify_shards(cfg.data, manifest, "val")
     classes = len(manifest["classes"])
     if num_classes is not None and num_classes != classes:
         raise SegNetError(f"--num-classes {num_classes} does not match the manifest's {classes} classes")
-    if cfg.class_weighting not in WEIGHTING_MODES:
-        raise SegNetError(
-            f"unknown class weighting {cfg.class_weighting!r}; choose one of: {', '.join(WEIGHTING_MODES)}"
-        )
-    if cfg.compile not in COMPILE_CHOICES:
-        raise SegNetError(f"--compile {cfg.compile!r}: choose one of {', '.join(COMPILE_CHOICES)}")
-    if cfg.input not in INPUTS:
-        raise SegNetError(f"--input {cfg.input!r}: choose one of {', '.join(INPUTS)}")
-    if cfg.metric not in METRICS:
-        raise SegNetError(f"unknown metric {cfg.metric!r}; choose one of: {', '.join(METRICS)}")
-    if cfg.workers < 1 or cfg.batch_size % cfg.workers:
-        raise SegNetError(
-            f"--batch-size {cfg.batch_size} must be a positive multiple of --workers {cfg.workers}"
-        )
-    if cfg.epochs < 1 or cfg.lr <= 0:
-        raise SegNetError(f"--epochs must be >= 1 and --lr > 0, got {cfg.epochs} and {cfg.lr}")
     h, w = image_size(cfg, cfg.data)
     smallest = min_input_size(cfg.model)
     if h < smallest or w < smallest:
-        raise SegNetError(
-            f"--image-size {h}x{w} is too small for {cfg.model}: each side must be >= {smallest}"
-        )
-    if not 0 <= cfg.recompute <= 5:
-        raise SegNetError(f"--recompute {cfg.recompute}: choose 0 (off) to 5 resolution levels")
-    if cfg.recompute and cfg.model != "segnet":
-        raise SegNetError(f"--recompute applies to segnet only, not {cfg.model!r}")
-    if cfg.sync_bn and cfg.gpus_per_worker <= 0:
-        raise SegNetError(
-            "--sync-bn needs GPU workers (--gpus-per-worker > 0): SyncBatchNorm runs on CUDA only"
-        )
+        raise SegNetError(f"image_size {h}x{w} is too small for {cfg.model}: each side must be >= {smallest}")
     if cfg.vgg16_weights and not Path(cfg.vgg16_weights).is_file():
-        raise SegNetError(f"--vgg16-weights {cfg.vgg16_weights} does not exist")
+        raise SegNetError(f"vgg16_weights {cfg.vgg16_weights} does not exist")
     return manifest
 
 
 def check_resources(cfg: TrainConfig) -> None:
     """More workers than the cluster can place would wait forever: say so at once; or, with
     --placement-timeout, ask the autoscaler for them (a cluster like infra/cluster.yaml, whose GPU nodes start
-    at min_workers: 0) and wait that long for nodes to join."""
+    at min_workers: 0) and wait that long for nodes to join. An elastic run needs room for its MIN workers."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    need_cpu = cfg.workers * cfg.cpus_per_worker
-    need_gpu = cfg.workers * cfg.gpus_per_worker
+    low, high = worker_range(cfg.workers)
+    need_cpu = low * cfg.cpus_per_worker
+    need_gpu = low * cfg.gpus_per_worker
 
     def shortfall() -> str:
         have = ray.cluster_resources()
         if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
             return ""
         return (
-            f"{cfg.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
+            f"{low} workers need {need_cpu} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
             f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
         )
 
@@ -154,7 +92,7 @@ def check_resources(cfg: TrainConfig) -> None:
     if cfg.placement_timeout <= 0:
         raise SegNetError(f"{short} (on an autoscaling cluster, --placement-timeout SECONDS waits for nodes)")
     bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
-    request_resources(bundles=[bundle] * cfg.workers)
+    request_resources(bundles=[bundle] * high)
     print(f"waiting up to {cfg.placement_timeout:g} s for the autoscaler to add nodes: {short}", flush=True)
     deadline = time.monotonic() + cfg.placement_timeout
     while short := shortfall():
@@ -166,12 +104,26 @@ def check_resources(cfg: TrainConfig) -> None:
 
 def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.device):
     """This worker's training and validation batches: augmented on the device (GPU default), or by
-    albumentations in DataLoader workers (CPU default, and for users' own transforms)."""
+    albumentations in DataLoader workers (CPU default, and for users' own transforms).
+
+    Each worker takes global // world images a step, so a step sees the same global batch (and the same
+    learning rate applies) whether an elastic run has MIN or MAX workers; DDP's mean of the workers'
+    gradients is then the gradient of the whole batch. Gradient accumulation was not chosen: it would
+    change BatchNorm's batches and the step count per epoch with the worker count; TrainConfig instead asks
+    for a global batch that every worker count of the range divides."""
     per_worker = cfg.batch_size // world
     if cfg.input == "device" or (cfg.input == "auto" and device.type == "cuda"):
         common = {"rank": rank, "world": world, "device": device}
-        train = DeviceBatches.from_shards(cfg.data, "train", per_worker, size, augment=AugmentConfig(*size),
-                                          seed=cfg.seed, drop_last=True, **common)  # fmt: skip
+        train = DeviceBatches.from_shards(
+            cfg.data,
+            "train",
+            per_worker,
+            size,
+            augment=AugmentConfig(*size),
+            seed=cfg.seed,
+            drop_last=True,
+            **common,
+        )
         return train, DeviceBatches.from_shards(cfg.data, "val", per_worker, size, **common)
     train_ds = ShardDataset(
         cfg.data, "train", train_transform(AugmentConfig(*size), seed=cfg.seed), verify=False
@@ -185,18 +137,7 @@ def input_batches(cfg: TrainConfig, size, rank: int, world: int, device: torch.d
 # ---------------------------------------------------------------- the per-worker loop
 
 
-def train_loop(config: dict) -> None:
-    import ray.train.torch
-
-    cfg = TrainConfig(**config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    size, num_classes = tuple(config["image_size"]), config["num_classes"]
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
+def build_model_and_optimizer(cfg: TrainConfig, num_classes: int, device, world: int):
     model = model_from_meta({"config": asdict(cfg), "num_classes": num_classes}, vgg16_weights=True)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -206,35 +147,64 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
     )
-    start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restart after a failure, or --resume
-        with checkpoint.as_directory() as d:
-            meta = ckpt_io.restore(d, model, optimizer)
-            start, history = meta["epoch"] + 1, meta["history"]
-        if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start}", flush=True)
-    if use_compile(cfg.compile, device):
-        compile_model(model)
-    model = ray.train.torch.prepare_model(model)
-    net = model.module if hasattr(model, "module") else model
+    return model, optimizer
 
+
+def resume(model, optimizer, rank: int, world: int) -> tuple[int, list]:
+    """(first epoch, history so far): from the checkpoint Ray Train hands a restarted or resumed run."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        meta = ckpt_io.restore(d, model, optimizer)
+    if rank == 0:
+        print(f"resuming from the checkpoint of epoch {meta['epoch'] + 1} with {world} workers", flush=True)
+    return meta["epoch"] + 1, meta["history"]
+
+
+def train_loop(config: dict) -> None:
+    """Every worker runs this: prepare, then per epoch train, evaluate and report (rank 0 checkpoints)."""
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    console.quiet_worker()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    size, num_classes = tuple(config["image_size"]), config["num_classes"]
+    torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = True
+
+    net, optimizer = build_model_and_optimizer(cfg, num_classes, device, world)
+    start, history = resume(net, optimizer, rank, world)
+    if use_compile(cfg.compile, device):
+        compile_model(net)
+    model = ray.train.torch.prepare_model(net)  # DDP when world > 1; `net` stays the plain module
     weights = None if cfg.class_weighting == "none" else config["class_weights"][cfg.class_weighting]
     loss_fn = segmentation_loss(weights).to(device)
     loader, val_loader = input_batches(cfg, size, rank, world, device)
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        sampler = getattr(loader, "sampler", loader)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        stats = train_epoch(model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last)
+        getattr(getattr(loader, "sampler", loader), "set_epoch", lambda _: None)(epoch)
+        images = len(loader) * (cfg.batch_size // world) * world
+        with console.progress(images, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0) as advance:
+            stats = train_epoch(
+                model,
+                loader,
+                loss_fn,
+                optimizer,
+                device,
+                cfg.amp,
+                cfg.channels_last,
+                progress=lambda n: advance(n * world),
+            )
         keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
         meter, examples = evaluate(net, val_loader, device, num_classes, cfg.amp, cfg.channels_last, keep)
         meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
-        cm = meter.matrix.cpu()
         metrics = {
             "epoch": epoch,
+            "workers": world,
             **stats,
             **scores(meter),
             "epoch_time_s": time.perf_counter() - t0,
@@ -242,33 +212,40 @@ def train_loop(config: dict) -> None:
         history.append(
             metrics
         )  # every epoch's metrics: what MLflow lacks after an outage is logged from here
+        report(config, cfg, metrics, history, net, optimizer, rank, meter.matrix.cpu(), examples)
+
+
+def report(
+    config: dict, cfg: TrainConfig, metrics: dict, history: list, net, optimizer, rank: int, cm, examples
+) -> None:
+    """One epoch's line, checkpoint (rank 0) and report to Ray Train; the PNGs in the last checkpoint."""
+    epoch = metrics["epoch"]
+    if rank == 0:
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"G {metrics['val_global_accuracy']:.3f}  C {metrics['val_class_accuracy']:.3f}  "
+            f"mIoU {metrics['val_miou']:.3f}  BF {metrics['val_bf']:.3f}  "
+            f"{metrics['train_images_per_s']:.1f} img/s/worker  {metrics['epoch_time_s']:.0f} s",
+            flush=True,
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
         if rank == 0:
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
-                f"G {metrics['val_global_accuracy']:.3f}  C {metrics['val_class_accuracy']:.3f}  "
-                f"mIoU {metrics['val_miou']:.3f}  BF {metrics['val_bf']:.3f}  "
-                f"{stats['train_images_per_s']:.1f} img/s/worker  {metrics['epoch_time_s']:.0f} s",
-                flush=True,
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                meta = {
-                    "config": asdict(cfg),
-                    "epoch": epoch,
-                    "num_classes": num_classes,
-                    "image_size": list(size),
-                    "manifest_sha256": config["manifest_sha256"],
-                    "metrics": metrics,
-                    "history": history,
-                    "mlflow_run_id": config["run_id"],
-                }
-                ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
-                if epoch == cfg.epochs - 1:
-                    save_final_plots(Path(tmp) / PLOTS, cm, history, examples)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
-            ray.train.report(finite, checkpoint=ckpt)
+            meta = {
+                "config": asdict(cfg),
+                "num_classes": config["num_classes"],
+                "image_size": config["image_size"],
+                "manifest_sha256": config["manifest_sha256"],
+                "metrics": metrics,
+                "history": history,
+                "mlflow_run_id": config["run_id"],
+            }
+            ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
+            if epoch == cfg.epochs - 1:
+                save_final_plots(Path(tmp) / PLOTS, cm, history, examples)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
+        ray.train.report(finite, checkpoint=checkpoint)
 
 
 def save_final_plots(out: Path, cm, history, examples) -> None:
@@ -289,13 +266,18 @@ class LogMetrics(ray.train.UserCallback):
     """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
     that a lost worker had not reported yet, and that is trained again after the restart, is logged once.
     While the server is down, epochs wait in a buffer and go with the first report after it is back; what
-    is still buffered when training ends is logged by the driver from the checkpoint's history."""
+    is still buffered when training ends is logged by the driver from the checkpoint's history.
+    A change of the worker count (an elastic resize) is also tagged `resize.epoch_N` = "OLD->NEW"."""
 
     def __init__(self, uri: str, run_id: str):
-        self.metrics = tracking.MetricBuffer(uri, run_id)
+        self.metrics, self.workers = tracking.MetricBuffer(uri, run_id), None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        self.metrics.add(metrics[0], step=metrics[0]["epoch"])
+        m = metrics[0]
+        resized = self.workers not in (None, m["workers"])
+        tags = {f"resize.epoch_{m['epoch']}": f"{self.workers}->{m['workers']}"} if resized else {}
+        self.metrics.add(m, step=m["epoch"], tags=tags)
+        self.workers = m["workers"]
 
 
 def train(
@@ -334,6 +316,7 @@ def train(
     cfg.name = name
     init_ray(cfg.address)
     check_resources(cfg)
+    low, high = worker_range(cfg.workers)
 
     sha = manifest_id(cfg.data)
     if run_id is None:
@@ -353,7 +336,8 @@ def train(
             "run_id": run_id,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers,
+            num_workers=low if low == high else (low, high),
+            elastic_resize_monitor_interval_s=RESIZE_CHECK_S,
             use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
         ),
@@ -361,6 +345,8 @@ def train(
             name=name,
             storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines (worker group, checkpoints, reports) in its log files unless `segnet -v`
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if console.verbose() else "ERROR"),
             callbacks=[LogMetrics(uri, run_id), *(callbacks or [])],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
@@ -369,8 +355,11 @@ def train(
             ),
         ),
     )
-    print(f"training {cfg.model} on {cfg.data} with {cfg.workers} workers at {size[0]}x{size[1]}; "
-          f"run {name}, MLflow run {run_id} in {uri}", flush=True)  # fmt: skip
+    print(
+        f"training {cfg.model} on {cfg.data} with {cfg.workers} workers at {size[0]}x{size[1]}; "
+        f"run {name}, MLflow run {run_id} in {uri}",
+        flush=True,
+    )
     try:
         result = trainer.fit()
     except Exception as e:
@@ -412,8 +401,3 @@ def record_run(uri: str, run_id: str, best: dict, last_checkpoint: str) -> None:
     )
     tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)
     tracking.end_run(uri, run_id)
-
-
-def config_from_args(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})

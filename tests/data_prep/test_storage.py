@@ -62,8 +62,14 @@ def test_a_shard_changed_in_the_bucket_is_refused(s3, small_camvid, ray_local, c
 
 
 def _cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def _one_line_naming(r, uri: str) -> str:
@@ -84,8 +90,14 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_uri(s3, tmp_path):
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
-    r = _cli("train", "--data", uri, "--storage-path", f"{s3['bucket']}/runs",
-             env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}"})  # fmt: skip
+    r = _cli(
+        "train",
+        "--data",
+        uri,
+        "--storage-path",
+        f"{s3['bucket']}/runs",
+        env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}"},
+    )
     assert "unreachable" in _one_line_naming(r, uri)
 
 

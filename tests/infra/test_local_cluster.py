@@ -1,8 +1,11 @@
 """A real two-node Ray cluster (`ray start`) and a real MLflow server, started by infra/local-cluster.sh;
 the nodes share no folder, only the loopback S3 bucket (infra/local-s3.sh, started by the `s3` fixture)."""
 
+import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from mlflow.tracking import MlflowClient
 
 from data_prep import storage
 from pipelines import registry
@@ -101,16 +105,53 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     tree_before = _tree_status()
 
     def segnet(*args, timeout=300):
-        r = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True,
-                           text=True, timeout=timeout, cwd=client, env=env)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=client,
+            env=env,
+        )
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         return r.stdout + r.stderr
 
-    segnet("prepare", "--source", camvid_dir, "--out", f"{bucket}/shards", "--limit", "8",
-           "--shard-size", "4", "--workers", "1")  # fmt: skip
-    tune = ["tune", "--data", f"{bucket}/shards", "--name", "search", "--num-samples", "2", "--epochs", "1",
-            "--image-size", "64x96", "--batch-size", "4", "--max-concurrent", "2", "--workers-per-trial", "1",
-            "--loader-workers", "0", "--mlflow-uri", cluster["mlflow"]]  # fmt: skip
+    segnet(
+        "prepare",
+        "--source",
+        camvid_dir,
+        "--out",
+        f"{bucket}/shards",
+        "--limit",
+        "8",
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+    )
+    tune = [
+        "tune",
+        "--data",
+        f"{bucket}/shards",
+        "--name",
+        "search",
+        "--num-samples",
+        "2",
+        "--epochs",
+        "1",
+        "--image-size",
+        "64x96",
+        "--batch-size",
+        "4",
+        "--max-concurrent",
+        "2",
+        "--workers",
+        "1",
+        "--loader-workers",
+        "0",
+        "--mlflow-uri",
+        cluster["mlflow"],
+    ]
     submit = ["submit", "--address", cluster["dashboard"], "--storage", f"{bucket}/runs", "--"]
     assert "SUCCEEDED" in segnet(*submit, *tune, timeout=900)
     # both nodes ran training workers, and each checked the shards once into its own cache
@@ -126,8 +167,18 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     images = sorted((camvid_dir / "test").iterdir())[:2]
     for i, image in enumerate(images):  # a bucket prefix of images, one in a sub-prefix
         storage.write_bytes(f"{bucket}/images/{'sub/' * i}{image.name}", image.read_bytes())
-    out = segnet("predict", "--model", "models:/segnet-camvid@champion", "--input", f"{bucket}/images",
-                 "--output", f"{bucket}/labels", "--overlay", "--mlflow-uri", cluster["mlflow"])  # fmt: skip
+    out = segnet(
+        "predict",
+        "--model",
+        "models:/segnet-camvid@champion",
+        "--input",
+        f"{bucket}/images",
+        "--output",
+        f"{bucket}/labels",
+        "--overlay",
+        "--mlflow-uri",
+        cluster["mlflow"],
+    )
     assert "images/s" in out
     assert storage.exists(f"{bucket}/labels/{images[0].name}")
     assert storage.exists(f"{bucket}/labels/sub/{images[1].stem}_overlay.png")
@@ -153,3 +204,94 @@ def test_stop_leaves_no_process_behind(cluster):
     time.sleep(1)
     assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout == b""
     assert subprocess.run(["pgrep", "-f", f"mlflow server.*{MLFLOW_PORT}"], capture_output=True).stdout == b""
+
+
+def _node_processes(state: str, node: str) -> list[int]:
+    """One node's processes: those whose command line names its temp directory (raylet, log monitor), and
+    their descendants (agents, idle and training workers), which Ray renames."""
+
+    def pgrep(*args) -> list[int]:
+        return [
+            int(p) for p in subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()
+        ]
+
+    pids, todo = [], pgrep("-f", f"{state}/{node}/ray")
+    while todo:
+        pids.append(todo.pop())
+        todo += pgrep("-P", str(pids[-1]))
+    return pids
+
+
+def _wait_until(condition, driver: subprocess.Popen, log: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert driver.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"waited {seconds} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def _mlflow_run(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name("segnet-camvid")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'") if exp else []
+    return runs[0] if runs else None
+
+
+# `segnet train`, with Ray Train asked every 5 s (not 60) whether the worker group can grow again.
+ELASTIC_DRIVER = (
+    "import sys, pipelines.train as t; t.RESIZE_CHECK_S = 5; "
+    "from pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(cluster, s3, camvid_dir, tmp_path):
+    """`segnet train --workers 1-2` on both nodes; the worker node is SIGKILLed (raylet, agents, workers) in
+    epoch 1; the run goes on from epoch 0's checkpoint on the head alone, and once the node is started again
+    Ray Train grows the group back to 2 workers (again from the last checkpoint), and the run completes."""
+    bucket, state, epochs = f"{s3['bucket']}/elastic", cluster["state"], 24
+    (tmp_path / "tmp").mkdir()
+    # A restart first asks for the lost node's worker too (Ray's resource view lags by up to 20 s): give up
+    # on that placement after 15 s instead of Ray's 60 s, then restart with the workers that fit.
+    env = {**cluster["env"], "TMPDIR": str(tmp_path / "tmp"), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    prepare = ["prepare", "--source", camvid_dir, "--out", f"{bucket}/shards", "--limit", 16,
+               "--shard-size", 8, "--workers", 1]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, prepare)], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    train = ["train", "--data", f"{bucket}/shards", "--workers", "1-2", "--epochs", epochs, "--batch-size", 4,
+             "--image-size", "48x64", "--loader-workers", 0, "--max-failures", 2, "--name", "elastic",
+             "--storage-path", f"{bucket}/runs", "--mlflow-uri", cluster["mlflow"]]  # fmt: skip
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-c", ELASTIC_DRIVER, *map(str, train)], cwd=tmp_path,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    client = MlflowClient(cluster["mlflow"])
+
+    def workers() -> list[tuple[int, int]]:  # (epoch, world size) of each epoch logged so far
+        run = _mlflow_run(client, "elastic")
+        history = client.get_metric_history(run.info.run_id, "workers") if run else []
+        return sorted((m.step, int(m.value)) for m in history)
+
+    try:
+        _wait_until(lambda: workers(), driver, log)  # epoch 0 is checkpointed: the kill lands in epoch 1
+        for pid in _node_processes(state, "worker"):  # the worker node: its raylet, agents and workers
+            with contextlib.suppress(ProcessLookupError):  # gone with its parent
+                os.kill(pid, signal.SIGKILL)
+        _wait_until(lambda: 1 in dict(workers()).values(), driver, log)  # an epoch done on the head alone
+        subprocess.run([str(SCRIPT), "start-worker"], env=_env(state), check=True, timeout=120)
+        driver.wait(timeout=600)
+    finally:
+        driver.kill()
+    out = log.read_text()
+    assert driver.returncode == 0, out[-3000:]
+
+    per_epoch = workers()
+    assert [e for e, _ in per_epoch] == list(range(epochs))  # every epoch logged, each once
+    sizes = [w for _, w in per_epoch]
+    assert [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]] == [2, 1, 2]  # shrank, grew back
+    shrink, grow = sizes.index(1), len(sizes) - sizes[::-1].index(1)
+    # each restart began at the last checkpoint: no checkpointed epoch was trained again
+    resumed = set(re.findall(r"resuming from the checkpoint of epoch (\d+) with (\d+) workers", out))
+    assert resumed == {(str(shrink), "1"), (str(grow), "2")}
+    run = _mlflow_run(client, "elastic")
+    assert run.info.status == "FINISHED"
+    resizes = {k: v for k, v in run.data.tags.items() if k.startswith("resize.")}
+    assert resizes == {f"resize.epoch_{shrink}": "2->1", f"resize.epoch_{grow}": "1->2"}

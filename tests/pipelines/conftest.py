@@ -54,9 +54,9 @@ def start_mlflow_server(folder: Path, port: int, *args: str, env: dict | None = 
     """`mlflow server` on 127.0.0.1:`port` with a sqlite store and proxied artifacts in `folder` (started
     again on the same folder, it serves the same runs); returns once it answers."""
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination",
-           str(folder / "artifacts"), "--workers", "1", *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--workers", "1", *args]
+    cmd += ["--artifacts-destination", str(folder / "artifacts")]
     with open(folder / "server.log", "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

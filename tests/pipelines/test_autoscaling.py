@@ -37,29 +37,61 @@ def autoscaling_cluster():
     """A head with no CPU and one node type (1 CPU, min 0, max 1) that the autoscaler launches on demand."""
     state = tempfile.mkdtemp(prefix="sga", dir="/tmp")  # short: Ray's socket paths live below it
     config = {
-        "cluster_name": "segnet-fake", "max_workers": 1,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{PORT}"},
+        "cluster_name": "segnet-fake",
+        "max_workers": 1,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{PORT}",
+        },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             "cpu_node": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
         },
-        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
-        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [],
-    }  # fmt: skip
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "docker": {},
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+    }
     path = os.path.join(state, "autoscaling.json")
     with open(path, "w") as f:
         json.dump(config, f)
     env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
     env.pop("RAY_ADDRESS", None)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray, "start", "--head", f"--autoscaling-config={path}", "--num-cpus=0",
-                    "--node-ip-address=127.0.0.1", f"--port={PORT}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={DASHBOARD}", f"--temp-dir={state}/ray", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            f"--autoscaling-config={path}",
+            "--num-cpus=0",
+            "--node-ip-address=127.0.0.1",
+            f"--port={PORT}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={DASHBOARD}",
+            f"--temp-dir={state}/ray",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield {"address": f"127.0.0.1:{PORT}", "state": state}
     finally:
@@ -79,9 +111,28 @@ def shards(camvid_dir, ray_local, tmp_path_factory):
 
 
 def _train(shards, tmp_path, address, *extra):
-    args = ["train", "--data", shards, "--address", address, "--epochs", "1", "--image-size", "64x96",
-            "--batch-size", "2", "--workers", "1", "--loader-workers", "0", "--storage-path",
-            tmp_path / "runs", "--mlflow-uri", f"sqlite:///{tmp_path}/mlruns.db", *extra]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        shards,
+        "--address",
+        address,
+        "--epochs",
+        "1",
+        "--image-size",
+        "64x96",
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "--loader-workers",
+        "0",
+        "--storage-path",
+        tmp_path / "runs",
+        "--mlflow-uri",
+        f"sqlite:///{tmp_path}/mlruns.db",
+        *extra,
+    ]
     t0 = time.monotonic()
     command = [sys.executable, "-m", "pipelines.cli", *map(str, args)]
     r = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -95,8 +146,9 @@ def test_a_run_waits_for_the_autoscaler_to_add_a_node(autoscaling_cluster, shard
 
 
 def test_a_run_that_cannot_be_placed_in_time_fails_with_one_line(autoscaling_cluster, shards, tmp_path):
-    r, seconds = _train(shards, tmp_path, autoscaling_cluster["address"], "--gpus-per-worker", "1",
-                        "--placement-timeout", "5")  # fmt: skip
+    r, seconds = _train(
+        shards, tmp_path, autoscaling_cluster["address"], "--gpus-per-worker", "1", "--placement-timeout", "5"
+    )
     assert r.returncode == 2 and "no room after --placement-timeout 5 s" in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: no room")  # after Ray's own log
     assert "Traceback" not in r.stderr and seconds < 120

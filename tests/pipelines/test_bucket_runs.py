@@ -16,8 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": ROOT}  # the project's packages, not its files in the directory
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True,
-                       text=True, cwd=cwd, env=env, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return json.loads(r.stdout[r.stdout.index("{\n") :])
 
@@ -31,9 +37,27 @@ def test_train_evaluate_and_resume_through_the_bucket_from_an_empty_directory(
     work.mkdir()
     mlflow = f"sqlite:///{tmp_path}/mlflow/mlruns.db"
     (tmp_path / "mlflow").mkdir()
-    train = ["train", "--data", shards, "--storage-path", runs, "--epochs", "1", "--image-size", "64x96",
-             "--batch-size", "4", "--workers", "1", "--loader-workers", "0", "--mlflow-uri", mlflow,
-             "--name", "r1"]  # fmt: skip
+    train = [
+        "train",
+        "--data",
+        shards,
+        "--storage-path",
+        runs,
+        "--epochs",
+        "1",
+        "--image-size",
+        "64x96",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--loader-workers",
+        "0",
+        "--mlflow-uri",
+        mlflow,
+        "--name",
+        "r1",
+    ]
     best = _cli(*train, cwd=work)
     checkpoint = best["best_checkpoint"]
     assert checkpoint.startswith(f"{runs}/r1/checkpoint_")

@@ -4,12 +4,14 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from data_prep import prepare
-from pipelines.experiment import Table1Config, check_conclusions, run_table1, variants_of
+from pipelines.config import CONFIGS, Table1Config, from_file
+from pipelines.experiment import check_conclusions, run_table1
 from segnet import SegNetError, build_model
 from segnet.models import MODELS, count_parameters
 from segnet.paper import PAPER_TABLE1
@@ -43,21 +45,36 @@ def test_conclusions_are_not_tested_without_the_variants_they_need():
 
 
 def test_unknown_variant_is_refused_by_name():
-    with pytest.raises(SegNetError, match="segnet-huge"):
-        variants_of(Table1Config(data="x", variants="segnet-basic,segnet-huge"))
+    with pytest.raises(SegNetError, match="variants 'segnet-huge'"):
+        Table1Config(variants=["segnet-basic", "segnet-huge"])
+
+
+def profile(profile_name: str, tmp_path, **train) -> Table1Config:
+    """A Table 1 profile from configs/, writing into tmp_path."""
+    train = {"storage_path": str(tmp_path / "runs"), "mlflow_uri": f"sqlite:///{tmp_path}/m.db", **train}
+    return from_file(
+        Table1Config,
+        CONFIGS / f"table1-{profile_name}.yaml",
+        out=str(tmp_path / "report"),
+        tune={"train": train},
+    )
 
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--variants", "segnet-basic,segnet-huge"], "segnet-huge"),
-     (["--balancing", "inverse_frequency"], "Table 1 compares"),
-     (["--profile", "huge"], "invalid choice")],
-)  # fmt: skip
+    [
+        (["--variants", "[segnet-basic,segnet-huge]"], "variants 'segnet-huge'"),
+        (["--class-weighting", "[inverse_frequency]"], "choose one of median_frequency, none"),
+        (["--config", "configs/huge.yaml"], "does not exist"),
+    ],
+)
 def test_cli_refuses_a_bad_grid_before_starting_anything(args, message, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "experiment", "table1", "--data", str(tmp_path / "x"), *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "x").exists()  # nothing prepared, nothing written
 
@@ -71,22 +88,16 @@ def shards(camvid_dir, ray_local, tmp_path_factory):
 
 @pytest.mark.slow
 def test_paper_profile_without_gpus_is_refused_before_any_trial(shards, tmp_path):
-    cfg = Table1Config(
-        data=str(shards), profile="paper", variants="segnet-basic", out=str(tmp_path / "r"),
-        storage_path=str(tmp_path / "runs"), mlflow_uri=f"sqlite:///{tmp_path}/m.db",
-    )  # fmt: skip
+    cfg = replace(profile("paper", tmp_path, data=str(shards)), variants=["segnet-basic"])
     with pytest.raises(SegNetError, match="GPUs"):
         run_table1(cfg)
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "report").exists()
 
 
 @pytest.mark.slow
 def test_smoke_profile_reports_figures_that_came_from_the_run(shards, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    cfg = Table1Config(
-        data=str(shards), profile="smoke", variants="segnet-basic,bilinear-interpolation",
-        out=str(tmp_path / "report"), storage_path=str(tmp_path / "runs"), mlflow_uri=uri, name="t1",
-    )  # fmt: skip
+    cfg = profile("smoke", tmp_path, data=str(shards), name="t1")
+    uri = cfg.tune.train.mlflow_uri
     summary = run_table1(cfg)
     out = tmp_path / "report"
     assert {p.name for p in out.iterdir()} >= {"table1.md", "table1.csv", "table1.png", "table1.json"}
@@ -119,8 +130,10 @@ def test_smoke_profile_reports_figures_that_came_from_the_run(shards, tmp_path):
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "table1")} >= {
-        "table1/table1.md", "table1/table1.csv", "table1/table1.png"
-    }  # fmt: skip
+        "table1/table1.md",
+        "table1/table1.csv",
+        "table1/table1.png",
+    }
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )

@@ -27,8 +27,11 @@ def test_gpu_check_dry_run_on_the_cpu_writes_its_report(camvid_dir, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "-c", WITHOUT_RAY, "--tiny", "--data", str(data), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2],
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[2],
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu-check.json").read_text())
     rows = report["steps"]["rows"]

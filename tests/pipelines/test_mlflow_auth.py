@@ -28,8 +28,8 @@ def test_an_admin_credentials_file_others_can_read_is_refused(tmp_path, mode):
     cred = tmp_path / "admin.cred"
     cred.write_text(":".join(ADMIN) + "\n")
     cred.chmod(mode)
-    r = subprocess.run([str(SCRIPT)], env=_env(tmp_path, ADMIN_CREDENTIALS=str(cred)), cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    env = _env(tmp_path, ADMIN_CREDENTIALS=str(cred))
+    r = subprocess.run([str(SCRIPT)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"mlflow-server.sh: ADMIN_CREDENTIALS={cred} has mode {mode:o}, expected 600: it holds the admin "

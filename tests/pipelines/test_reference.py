@@ -33,10 +33,27 @@ def test_channels_last_model_matches_the_plain_reference(name, size):
 
 def test_bench_model_prints_measured_figures():
     r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "bench", "model", "--model", "segnet-basic", "--image-size",
-         "32x48", "--batch-size", "1", "--steps", "1", "--baseline", "--json"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "bench",
+            "model",
+            "--model",
+            "segnet-basic",
+            "--image-size",
+            "32x48",
+            "--batch-size",
+            "1",
+            "--steps",
+            "1",
+            "--baseline",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(r.stdout)
     for key in ("seconds_per_step", "flops_per_image", "matmul_flops_per_s", "speed_vs_baseline"):
@@ -53,7 +70,7 @@ def test_bench_model_prints_measured_figures():
 
 
 def test_mfu_above_100_percent_is_reported_as_a_measurement_error():
-    from pipelines.bench import mfu_figures
+    from pipelines.measure import mfu_figures
 
     assert mfu_figures(50.0, {"best": 100.0}) == {"mfu": 0.5}
     flagged = mfu_figures(175e9, {"best": 170e9})

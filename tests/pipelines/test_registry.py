@@ -148,8 +148,12 @@ model = mlflow.pyfunc.load_model("models:/fresh@champion")
 labels = model.predict(pd.DataFrame({{"image": [open({str(test_image)!r}, "rb").read()]}}))[0]
 np.save("labels.npy", labels)
 """
-    env = {"PATH": os.environ["PATH"], "MLFLOW_TRACKING_URI": mlflow_server,
-           "OMP_NUM_THREADS": str(torch.get_num_threads()), "HOME": str(tmp_path)}  # fmt: skip
+    env = {
+        "PATH": os.environ["PATH"],
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "HOME": str(tmp_path),
+    }
     subprocess.run([str(venv / "bin/python"), "-c", script], cwd=tmp_path, env=env, check=True, timeout=300)
     ours = registry.load(mlflow_server, "fresh@champion").predict(pd.DataFrame({"image": [image]}))[0]
     assert np.array_equal(np.load(tmp_path / "labels.npy"), ours)
@@ -159,8 +163,21 @@ np.save("labels.npy", labels)
 def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for, tmp_path):
     uri, _ = store
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/m@champion",
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        "models:/m@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     log = open(tmp_path / "serve.log", "w")
     path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # it runs `uvicorn` from this venv
     env = {
@@ -187,7 +204,7 @@ def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for
 
 
 def test_a_new_run_prints_its_ui_address(tmp_path, capsys):
-    from pipelines.train import TrainConfig
+    from pipelines.config import TrainConfig
 
     (tmp_path / "manifest.json").write_text("{}")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -17,8 +17,8 @@ SCRIPT = Path(__file__).with_name("registering.py")
 
 
 def _registrar(uri: str, *stall: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), uri, *stall], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [sys.executable, str(SCRIPT), uri, *stall]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     _said(proc, "ready")
     return proc
 

@@ -11,8 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from data_prep import prepare
 from pipelines.checkpoint import load as load_checkpoint
+from pipelines.config import TrainConfig, worker_range
 from pipelines.evaluate import evaluate
-from pipelines.train import TrainConfig, train
+from pipelines.train import check_resources, train
 from segnet import SegNetError
 
 pytestmark = pytest.mark.slow
@@ -178,21 +179,40 @@ def test_channels_last_bf16_autocast_and_device_side_input_train(shards, tmp_pat
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model": "segnet-huge"}, "unknown model 'segnet-huge'"),
+        ({"model": "segnet-huge"}, "model 'segnet-huge': choose one of"),
         ({"data": "/nonexistent"}, "holds no manifest.json"),
         ({"image_size": "8x8"}, "too small for segnet-basic"),
         ({"workers": 3, "batch_size": 6}, "3 workers need 3 CPUs"),
-        ({"batch_size": 5}, "multiple of --workers"),
-        ({"class_weighting": "log"}, "unknown class weighting"),
+        ({"batch_size": 5}, "multiple of 2, to split evenly across any worker count of workers 2"),
+        ({"workers": "1-3", "batch_size": 4}, "multiple of 6, to split evenly .* workers 1-3"),
+        ({"workers": "2-1"}, "workers '2-1': expected N or MIN-MAX"),
+        ({"class_weighting": "log"}, "class_weighting 'log': choose one of"),
         ({"sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
-        ({"compile": "yes"}, "--compile 'yes'"),
-        ({"input": "gpu"}, "--input 'gpu'"),
+        ({"compile": "yes"}, "compile 'yes': choose one of auto, on, off"),
+        ({"input": "gpu"}, "input 'gpu': choose one of"),
     ],
 )
 def test_bad_config_fails_before_any_worker_starts(shards, tmp_path, change, message):
     with pytest.raises(SegNetError, match=message):
         train(_cfg(shards, tmp_path, **change))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value, expected", [(2, (2, 2)), ("3", (3, 3)), ("1-4", (1, 4)), (" 2-2 ", (2, 2))])
+def test_worker_range_reads_a_count_or_a_range(value, expected):
+    assert worker_range(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, "0-2", "3-1", "1-", "-2", "1-2-3", "two", "1.5"])
+def test_worker_range_refuses_what_is_not_a_range(value):
+    with pytest.raises(SegNetError, match="expected N or MIN-MAX with 1 <= MIN <= MAX"):
+        worker_range(value)
+
+
+def test_an_elastic_run_needs_room_for_its_minimum_only(ray_local):
+    check_resources(TrainConfig(workers="2-3"))  # this Ray has 2 CPUs: MIN fits
+    with pytest.raises(SegNetError, match="3 workers need 3 CPUs"):
+        check_resources(TrainConfig(workers="3-4"))
 
 
 def test_class_count_and_resume_path_are_checked(shards, tmp_path):
@@ -211,18 +231,17 @@ def test_train_cli_bad_input_is_one_line(shards, tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: unknown model 'nope'")
+    assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: model 'nope': choose one of")
 
 
 def test_unreachable_mlflow_is_one_line_before_any_worker_starts(shards, tmp_path):
     with pytest.raises(SegNetError, match=r"MLflow tracking store http://127.0.0.1:9 does not answer"):
         train(_cfg(shards, tmp_path, mlflow_uri="http://127.0.0.1:9"))
     assert not (tmp_path / "runs").exists()  # no run folder: nothing was started
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--data", str(shards), "--mlflow-uri",
-         "http://127.0.0.1:9", "--workers", "1", "--batch-size", "2", "--storage-path", str(tmp_path / "r")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+    args = ["train", "--data", str(shards), "--mlflow_uri", "http://127.0.0.1:9", "--workers", "1"]
+    args += ["--batch_size", "2", "--storage_path", str(tmp_path / "r")]
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert (
         r.stderr.strip()
@@ -239,8 +258,8 @@ def test_a_30s_mlflow_outage_during_training_loses_no_epoch(shards, tmp_path, st
     folder, port = tmp_path / "mlflow", free_port()
     server = start_mlflow(folder, port)
     uri = f"http://127.0.0.1:{port}"
-    cfg = _cfg(shards, tmp_path, workers=1, batch_size=2, epochs=EPOCHS, image_size="48x64", mlflow_uri=uri,
-               name="outage", keep_checkpoints=2)  # fmt: skip
+    small = {"workers": 1, "batch_size": 2, "epochs": EPOCHS, "image_size": "48x64", "keep_checkpoints": 2}
+    cfg = _cfg(shards, tmp_path, mlflow_uri=uri, name="outage", **small)
     seen = {}
 
     def outage():

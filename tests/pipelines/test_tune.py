@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ from PIL import Image
 
 from data_prep import prepare
 from pipelines import registry
-from pipelines.tune import TuneConfig, tune_search
+from pipelines.config import TrainConfig, TuneConfig, trial_defaults
+from pipelines.tune import tune_search
 from segnet import SegNetError
 
 pytestmark = pytest.mark.slow
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +29,21 @@ def shards(camvid_dir, ray_local, tmp_path_factory):
 
 
 def _cfg(shards, tmp, **kw) -> TuneConfig:
-    base = dict(
+    """A small search; keywords of TrainConfig go to the trials' settings, the others to the search's."""
+    train = dict(
         data=str(shards),
-        num_samples=2,
         epochs=1,
         image_size="64x96",
         batch_size=4,
-        max_concurrent=2,
-        workers_per_trial=1,
+        workers=1,
         loader_workers=0,
         storage_path=str(tmp / "runs"),
         mlflow_uri=f"sqlite:///{tmp}/mlruns.db",
     )
-    base.update(kw)
-    return TuneConfig(**base)
+    search = dict(num_samples=2, max_concurrent=2)
+    for k, v in kw.items():
+        (train if k in TRAIN_FIELDS and k != "class_weighting" else search)[k] = v
+    return TuneConfig(train=replace(trial_defaults(), **train), **search)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def test_search_registers_the_best_trial_as_champion(search):
     cfg, summary = search
     assert len(summary["trials"]) == 2
     assert summary["registered"]["champion"] is True
-    shown = registry.show(cfg.mlflow_uri, "segnet-camvid@champion")
+    shown = registry.show(cfg.train.mlflow_uri, "segnet-camvid@champion")
     assert shown["version"] == summary["registered"]["version"] and "champion" in shown["aliases"]
     assert shown["metrics"]["test_miou"] == pytest.approx(summary["test"]["miou"])
     assert shown["data_manifest_sha256"]
@@ -67,8 +71,8 @@ def test_search_registers_the_best_trial_as_champion(search):
 
 def test_trials_are_mlflow_runs_nested_under_the_search(search):
     cfg, summary = search
-    c = MlflowClient(tracking_uri=cfg.mlflow_uri)
-    exp = c.get_experiment_by_name(cfg.experiment)
+    c = MlflowClient(tracking_uri=cfg.train.mlflow_uri)
+    exp = c.get_experiment_by_name(cfg.train.experiment)
     runs = c.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.info.run_name == "s1"]
     assert len(parents) == 1
@@ -86,8 +90,18 @@ def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path):
     small.parent.mkdir()
     Image.open(image).resize((150, 100)).save(small)  # another size than the model's
     (tmp_path / "in" / image.name).write_bytes(image.read_bytes())
-    r = _segnet("predict", "--model", "models:/segnet-camvid@champion", "--input", str(tmp_path / "in"),
-                "--output", str(tmp_path / "out"), "--overlay", "--mlflow-uri", cfg.mlflow_uri)  # fmt: skip
+    r = _segnet(
+        "predict",
+        "--model",
+        "models:/segnet-camvid@champion",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--overlay",
+        "--mlflow-uri",
+        cfg.train.mlflow_uri,
+    )
     assert r.returncode == 0, r.stderr
     label = np.asarray(Image.open(tmp_path / "out" / image.name))
     assert label.shape == (360, 480) and label.max() <= 10
@@ -98,7 +112,7 @@ def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path):
 def test_evaluate_model_uri_reproduces_the_registered_test_scores(search, shards, tmp_path):
     cfg, summary = search
     args = ["evaluate", "--model-uri", "models:/segnet-camvid@champion", "--data", str(shards), "--split"]
-    r = _segnet(*args, "test", "--out", str(tmp_path), "--json", "--mlflow-uri", cfg.mlflow_uri)
+    r = _segnet(*args, "test", "--out", str(tmp_path), "--json", "--mlflow-uri", cfg.train.mlflow_uri)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["miou"] == pytest.approx(summary["test"]["miou"], abs=1e-6)
@@ -108,38 +122,39 @@ def test_evaluate_model_uri_reproduces_the_registered_test_scores(search, shards
 def test_alias_does_not_move_to_a_model_that_is_not_better(search):
     cfg, summary = search
     best = summary["best"]["checkpoint"]
-    meta_run = registry.show(cfg.mlflow_uri, "segnet-camvid@champion")["run_id"]
+    meta_run = registry.show(cfg.train.mlflow_uri, "segnet-camvid@champion")["run_id"]
     said = []
     same = registry.register(
-        cfg.mlflow_uri, "segnet-camvid", best, summary["test"], "x", meta_run, log=said.append
+        cfg.train.mlflow_uri, "segnet-camvid", best, summary["test"], "x", meta_run, log=said.append
     )
     assert same["champion"] is False and "stays on" in said[0]
     assert (
-        registry.show(cfg.mlflow_uri, "segnet-camvid@champion")["version"] == summary["registered"]["version"]
+        registry.show(cfg.train.mlflow_uri, "segnet-camvid@champion")["version"]
+        == summary["registered"]["version"]
     )
     forced = registry.register(
-        cfg.mlflow_uri, "segnet-camvid", best, summary["test"], "x", meta_run, force_alias=True
+        cfg.train.mlflow_uri, "segnet-camvid", best, summary["test"], "x", meta_run, force_alias=True
     )
     assert forced["champion"] is True
-    assert registry.show(cfg.mlflow_uri, "segnet-camvid@champion")["version"] == forced["version"]
+    assert registry.show(cfg.train.mlflow_uri, "segnet-camvid@champion")["version"] == forced["version"]
 
 
 def test_registry_cli_list_and_show(search):
     cfg, _ = search
-    r = _segnet("registry", "list", "--mlflow-uri", cfg.mlflow_uri)
+    r = _segnet("registry", "list", "--mlflow-uri", cfg.train.mlflow_uri)
     assert r.returncode == 0 and "segnet-camvid" in r.stdout and "@champion" in r.stdout
-    r = _segnet("registry", "show", "segnet-camvid/1", "--mlflow-uri", cfg.mlflow_uri)
+    r = _segnet("registry", "show", "segnet-camvid/1", "--mlflow-uri", cfg.train.mlflow_uri)
     assert r.returncode == 0 and '"version": "1"' in r.stdout
 
 
 def test_tampered_weights_are_refused(search, tmp_path):
     cfg, summary = search
-    model = registry.load(cfg.mlflow_uri, "segnet-camvid@champion")  # loads while intact
+    model = registry.load(cfg.train.mlflow_uri, "segnet-camvid@champion")  # loads while intact
     assert model is not None
-    v = registry.resolve_version(cfg.mlflow_uri, "segnet-camvid@champion")
+    v = registry.resolve_version(cfg.train.mlflow_uri, "segnet-camvid@champion")
     import mlflow
 
-    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    mlflow.set_tracking_uri(cfg.train.mlflow_uri)
     local = mlflow.artifacts.download_artifacts(
         f"models:/segnet-camvid/{v.version}", dst_path=str(tmp_path / "m")
     )
@@ -161,7 +176,7 @@ def test_tampered_weights_are_refused(search, tmp_path):
 def test_unknown_model_or_alias_lists_what_exists(search, ref, message):
     cfg, _ = search
     with pytest.raises(SegNetError, match=message):
-        registry.resolve_version(cfg.mlflow_uri, ref)
+        registry.resolve_version(cfg.train.mlflow_uri, ref)
 
 
 def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, tmp_path):
@@ -177,7 +192,7 @@ def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, t
         "--output",
         str(tmp_path / "o"),
         "--mlflow-uri",
-        cfg.mlflow_uri,
+        cfg.train.mlflow_uri,
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "bad.png cannot be decoded" in r.stdout and "skipped 1 unreadable images" in r.stdout
@@ -193,8 +208,8 @@ def test_unreachable_registry_is_one_line_with_the_uri(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"lr_min": 0.1, "lr_max": 0.01}, "must be positive and below"),
-        ({"class_weighting": "none,log"}, "log"),
+        ({"lr_min": 0.1, "lr_max": 0.01}, "must be positive and at most lr_max"),
+        ({"class_weighting": ["none", "log"]}, "class_weighting 'log': choose one of"),
     ],
 )
 def test_bad_search_space_is_refused(shards, tmp_path, change, message):
@@ -207,8 +222,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     args += ["--batch-size", "4", "--max-concurrent", "1", "--scheduler", "fifo", "--loader-workers", "0"]
     args += ["--storage-path", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path}/mlruns.db"]
     args += ["--name", "s2"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     deadline, finished = time.time() + 400, []
     while time.time() < deadline and proc.poll() is None and not finished:
@@ -240,8 +259,16 @@ def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(
 ):
     """--max-failures reaches the trial's TorchTrainer: a worker killed (SIGKILL, from here) after the first
     checkpoint is replaced, training resumes from that checkpoint, and the search completes."""
-    cfg = _cfg(shards, tmp_path, name="killed", num_samples=1, epochs=3, scheduler="fifo", max_failures=1,
-               image_size="128x160")  # fmt: skip
+    cfg = _cfg(
+        shards,
+        tmp_path,
+        name="killed",
+        num_samples=1,
+        epochs=3,
+        scheduler="fifo",
+        max_failures=1,
+        image_size="128x160",
+    )
     first_checkpoint = lambda: any((tmp_path / "runs").glob("killed-*/checkpoint_*/model.pt"))  # noqa: E731
     with train_worker_killer(first_checkpoint) as killed:
         summary = tune_search(cfg)
@@ -250,5 +277,7 @@ def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(
     (results,) = (tmp_path / "runs" / "killed").glob("*/result.json")  # the trial's history in Tune
     assert [json.loads(line)["epoch"] for line in results.read_text().splitlines()] == [0, 1, 2]
     meta = json.loads(open(f"{summary['best']['checkpoint']}/meta.json").read())
-    run = MlflowClient(tracking_uri=cfg.mlflow_uri).get_metric_history(meta["mlflow_run_id"], "val_miou")
+    run = MlflowClient(tracking_uri=cfg.train.mlflow_uri).get_metric_history(
+        meta["mlflow_run_id"], "val_miou"
+    )
     assert sorted(m.step for m in run) == [0, 1, 2]  # and in MLflow

@@ -1,0 +1,64 @@
+"""What the console shows: the project's own lines, and a progress bar within each epoch. Ray's and MLflow's
+log lines go to their log files (Ray's session folder; MLflow's logger at WARNING and above is kept) unless
+`segnet -v` asks for them; workers learn it from SEGNET_VERBOSE."""
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+VERBOSE = "SEGNET_VERBOSE"
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "mlflow", "alembic", "urllib3")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE) == "1"
+
+
+def setup(is_verbose: bool = False) -> None:
+    """On the driver: quiet libraries unless verbose; the setting travels to Ray workers by environment."""
+    os.environ[VERBOSE] = "1" if is_verbose else "0"
+    if is_verbose:
+        return
+    quiet()
+
+
+def quiet() -> None:
+    """Libraries' INFO and WARNING lines off the console (errors still show)."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard logger, no hint
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print shows once, not twice
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))  # its file log, console errors
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="mlflow")
+    warnings.filterwarnings("ignore", category=UserWarning, module="ray")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def quiet_worker() -> None:
+    """In a Ray Train worker: Ray 2.60 logs each report at INFO through a logger named by its file path,
+    which Train's own log-level filter misses."""
+    if not verbose():
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, enabled: bool = True):
+    """A progress bar with images/s and ETA, from inside a Ray worker: Ray's tqdm_ray draws it on the
+    driver's console. Yields `advance(n)`; a no-op where disabled (ranks other than 0)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img")
+    try:
+        yield bar.update
+    finally:
+        bar.close()
