@@ -53,8 +53,10 @@ def check_name(root: str, file: str) -> None:
     if not relative.isprintable():
         raise SegNetError(f"input file name {relative!r} under {root} holds a control character: refusing it")
     if ".." in relative.split("/"):
-        raise SegNetError(f"input {relative!r} under {root} has a '..' part, so its output would land "
-                          "outside --output: refusing it")  # fmt: skip
+        raise SegNetError(
+            f"input {relative!r} under {root} has a '..' part, so its output would land "
+            "outside --output: refusing it"
+        )
     if not storage.is_uri(file) and not Path(file).resolve().is_relative_to(Path(root).resolve()):
         raise SegNetError(f"input {file} links to {Path(file).resolve()}, outside {root}: refusing it")
 

@@ -4,7 +4,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
-import os
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,13 +23,12 @@ from pipelines import tracking
 from segnet.errors import SegNetError
 
 CHAMPION = "champion"
+COMPLETE = "segnet.complete"  # version tag, set last: its model, metrics and tags are all there
+FORCED = "segnet.forced"  # version tag of a --force-alias registration: older versions no longer compete
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 SEGNET_CODE = Path(segnet.__file__).parent  # the model's only code (torch and numpy); wherever Ray put it
 # What loading the model needs, pinned to this environment's versions (torch without its +cpu/+cuXXX tag).
 REQUIREMENTS = ("mlflow-skinny", "torch", "numpy", "pandas", "pillow")
-# A registry that does not answer should say so in seconds, not retry for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
 def _unreachable(uri: str, e: Exception) -> SegNetError:
@@ -52,9 +51,9 @@ def register(
     source: str | None = None,
 ) -> dict:
     """Log the checkpoint (a local folder; `source` names where it lives, e.g. its bucket URI) as a pyfunc
-    under `run_id` with its test metrics on the LoggedModel (linked to
-    the data), register a new version with its data identity and training config, and move `champion`
-    only when its test mIoU beats the champion's."""
+    under `run_id` with its test metrics on the LoggedModel (linked to the data), register a new version
+    with its data identity and training config, mark it complete, and move `champion` only when its test
+    mIoU beats the champion's (see `promote`: correct when registrations race)."""
     checkpoint = Path(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
     c = tracking.client(uri)
@@ -103,9 +102,15 @@ def register(
         "checkpoint": source or str(checkpoint),
         "model": meta["config"]["model"],
     }
-    for key, value in tags.items():
-        c.set_model_version_tag(name, version, key, str(value))
-    moved, reason = _maybe_move_champion(c, name, version, scores["test_miou"], force_alias)
+    if force_alias:
+        tags[FORCED] = "true"
+    try:
+        for key, value in tags.items():
+            c.set_model_version_tag(name, version, key, str(value))
+        c.set_model_version_tag(name, version, COMPLETE, "true")  # last: only now may it become champion
+        moved, reason = promote(c, name, version)
+    except MlflowException as e:
+        raise _unreachable(uri, e) from e
     log(reason)
     log(f"registered {name} v{version}: {tracking.ui_address(uri, f'#/models/{name}/versions/{version}')}")
     return {
@@ -131,32 +136,65 @@ def logged_metrics(c, version) -> dict:
     return {m.key: m.value for m in c.get_logged_model(mid).metrics or []} if mid else {}
 
 
-def _maybe_move_champion(c, name: str, version: str, new: float, force: bool) -> tuple[bool, str]:
-    try:
-        current = c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is None:
-        c.set_registered_model_alias(name, CHAMPION, version)
+def promote(c, name: str, version: str) -> tuple[bool, str]:
+    """Point `champion` at the best complete version; True if that is `version`, and a line saying why.
+
+    MLflow has no compare-and-set on aliases, so "read the champion, compare, set the alias" loses updates
+    when two registrations finish together: both read the old champion, both move the alias, and the later
+    write wins even when it is the worse model. Instead every registration converges on one rule, a function
+    of the registry's complete versions only: champion is the complete version with the highest test mIoU
+    (the older one on a tie), among the versions from the newest --force-alias one on. Each registration,
+    once its own version is complete: (1) reads the complete versions S, (2) reads the alias and sets it to
+    best(S) if it is elsewhere, (3) reads the complete versions again, and starts over if they changed.
+
+    Why the alias ends on the best of all complete versions: take the last alias write, from S by a
+    registration R, which then re-read S unchanged. A version completed before that re-read is in S. One
+    completed after it was read, with the alias, by its own registration after that last write: the alias
+    was best(S) and was left there, so best(S + it) = best(S). Versions only become complete (tags are never
+    removed), so the loop ends once registrations stop. A registration killed before its version is marked
+    complete leaves a version that is never a candidate: @champion only ever names a complete version.
+    """
+    scores: dict[str, float] = {}  # a complete version's metrics never change: read each once
+
+    def score(n: str) -> float:
+        if n not in scores:
+            scores[n] = logged_metrics(c, c.get_model_version(name, n)).get("test_miou", math.nan)
+        return scores[n]
+
+    def complete() -> dict:
+        return {str(v.version): v for v in c.search_model_versions(f"name='{name}'") if v.tags.get(COMPLETE)}
+
+    def best(versions: dict) -> str:
+        forced = [int(n) for n, v in versions.items() if v.tags.get(FORCED)]
+        candidates = [n for n in versions if int(n) >= max(forced, default=0)]
+        return max(candidates, key=lambda n: (-math.inf if math.isnan(score(n)) else score(n), -int(n)))
+
+    before = ...  # the champion this registration found first
+    while True:
+        seen = complete()
+        winner = best(seen)
+        try:
+            current = str(c.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            current = None
+        before = current if before is ... else before
+        if current != winner:
+            c.set_registered_model_alias(name, CHAMPION, winner)
+        if complete().keys() == seen.keys():
+            break
+    new = score(version)
+    if winner != version:
+        return False, (
+            f"{CHAMPION} stays on {name} v{winner}: its test mIoU {score(winner):.4f} is not beaten by "
+            f"v{version}'s {new:.4f} (use --force-alias to move it anyway)"
+        )
+    if before is None or before == version:
         return True, f"{name} v{version} is now {CHAMPION}: there was none (test mIoU {new:.4f})"
-    old = logged_metrics(c, current).get("test_miou", float("nan"))
-    if force:
-        c.set_registered_model_alias(name, CHAMPION, version)
-        return (
-            True,
-            f"{name} v{version} is now {CHAMPION} (--force-alias): mIoU {new:.4f}, "
-            f"v{current.version} had {old:.4f}",
-        )
-    if new > old or old != old:
-        c.set_registered_model_alias(name, CHAMPION, version)
-        return (
-            True,
-            f"{name} v{version} is now {CHAMPION}: test mIoU {new:.4f} beats v{current.version}'s {old:.4f}",
-        )
-    return False, (
-        f"{CHAMPION} stays on {name} v{current.version}: its test mIoU {old:.4f} is not beaten by "
-        f"v{version}'s {new:.4f} (use --force-alias to move it anyway)"
-    )
+    old = score(before)
+    if seen[version].tags.get(FORCED):
+        why = f"(--force-alias): mIoU {new:.4f}, v{before} had {old:.4f}"
+        return True, f"{name} v{version} is now {CHAMPION} {why}"
+    return True, f"{name} v{version} is now {CHAMPION}: test mIoU {new:.4f} beats v{before}'s {old:.4f}"
 
 
 def _versions(uri: str, name: str | None = None) -> list:
@@ -204,9 +242,13 @@ def resolve_version(uri: str, ref: str):
             known = ", ".join(f"@{a}" for a in model.aliases or {}) or "none"
             raise SegNetError(f"model {name!r} has no alias {alias!r}; aliases: {known}")
         return c.get_model_version_by_alias(name, alias)
-    versions = sorted(int(v.version) for v in _versions(uri, name))
-    if version is None:
-        version = str(versions[-1])
+    found = _versions(uri, name)
+    versions = sorted(int(v.version) for v in found)
+    if version is None:  # the newest complete one: a registration still under way (or killed) is not it
+        done = sorted(int(v.version) for v in found if v.tags.get(COMPLETE))
+        if not done:
+            raise SegNetError(f"model {name!r} has no complete version yet; versions: {versions}")
+        version = str(done[-1])
     if int(version) not in versions:
         raise SegNetError(f"model {name!r} has no version {version}; versions: {versions}")
     return c.get_model_version(name, version)

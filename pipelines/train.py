@@ -37,6 +37,7 @@ from segnet.errors import SegNetError
 from segnet.models import min_input_size, model_from_meta
 
 RUN_FILE = "segnet_run.json"
+PLOTS = "plots"  # the last checkpoint's PNGs, logged to MLflow under this name
 # While an elastic run is healthy, Ray Train asks this often whether more workers fit now (its default). A
 # resize restarts the workers from the last checkpoint, so the epoch in progress is trained again.
 RESIZE_CHECK_S = 60.0
@@ -161,8 +162,10 @@ def resume(model, optimizer, cfg: TrainConfig, rank: int, world: int) -> tuple[i
     warn = functools.partial(print, flush=True) if rank == 0 else None
     used, meta = ckpt_io.restore_newest_good(found, run_dir, model, optimizer, warn)
     if rank == 0:
-        print(f"resuming from the checkpoint of epoch {meta['epoch'] + 1} with {world} workers: {used}",
-              flush=True)  # fmt: skip
+        print(
+            f"resuming from the checkpoint of epoch {meta['epoch'] + 1} with {world} workers: {used}",
+            flush=True,
+        )
     return meta["epoch"] + 1, meta["history"]
 
 
@@ -193,16 +196,8 @@ def train_loop(config: dict) -> None:
         getattr(getattr(loader, "sampler", loader), "set_epoch", lambda _: None)(epoch)
         images = len(loader) * (cfg.batch_size // world) * world
         with console.progress(images, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0) as advance:
-            stats = train_epoch(
-                model,
-                loader,
-                loss_fn,
-                optimizer,
-                device,
-                cfg.amp,
-                cfg.channels_last,
-                progress=lambda n: advance(n * world),
-            )
+            args = (model, loader, loss_fn, optimizer, device, cfg.amp, cfg.channels_last)
+            stats = train_epoch(*args, progress=lambda n: advance(n * world))
         keep = 3 if rank == 0 and epoch == cfg.epochs - 1 else 0
         meter, examples = evaluate(net, val_loader, device, num_classes, cfg.amp, cfg.channels_last, keep)
         meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
@@ -213,14 +208,14 @@ def train_loop(config: dict) -> None:
             **scores(meter),
             "epoch_time_s": time.perf_counter() - t0,
         }
-        history.append({k: v for k, v in metrics.items() if not k.startswith("val_iou_")})
+        history.append(metrics)  # every epoch's metrics: what MLflow lacks after an outage is logged from it
         report(config, cfg, metrics, history, net, optimizer, rank, meter.matrix.cpu(), examples)
 
 
 def report(
     config: dict, cfg: TrainConfig, metrics: dict, history: list, net, optimizer, rank: int, cm, examples
 ) -> None:
-    """One epoch's line, checkpoint (rank 0) and report to Ray Train; the PNGs after the last epoch."""
+    """One epoch's line, checkpoint (rank 0) and report to Ray Train; the PNGs in the last checkpoint."""
     epoch = metrics["epoch"]
     if rank == 0:
         print(
@@ -243,23 +238,22 @@ def report(
                 "mlflow_run_id": config["run_id"],
             }
             ckpt_io.save(Path(tmp), net, optimizer, epoch, meta)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if epoch == cfg.epochs - 1:
-                log_final_artifacts(config, cm, history, examples)
+                save_final_plots(Path(tmp) / PLOTS, cm, history, examples)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
         finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
         ray.train.report(finite, checkpoint=checkpoint)
 
 
-def log_final_artifacts(config: dict, cm, history, examples) -> None:
-    """Confusion matrix, prediction overlays and training curves of the last epoch, as PNGs in MLflow."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        save_confusion_matrix(cm.numpy(), out / "confusion_matrix_val.png", "validation, last epoch")
-        np.savetxt(out / "confusion_matrix_val.csv", cm.numpy(), fmt="%d", delimiter=",")
-        save_curves(history, out / "training_curves.png")
-        for i, (x, pred, y) in enumerate(examples):
-            save_overlay(display_image(x, y.shape), pred.numpy(), y.numpy(), out / f"overlay_val_{i}.png")
-        tracking.log_artifacts(config["mlflow_uri"], config["run_id"], out, "plots")
+def save_final_plots(out: Path, cm, history, examples) -> None:
+    """Confusion matrix, prediction overlays and training curves of the last epoch, as PNGs in the last
+    checkpoint; the driver logs them to MLflow (workers never wait on the tracking server)."""
+    out.mkdir()
+    save_confusion_matrix(cm.numpy(), out / "confusion_matrix_val.png", "validation, last epoch")
+    np.savetxt(out / "confusion_matrix_val.csv", cm.numpy(), fmt="%d", delimiter=",")
+    save_curves(history, out / "training_curves.png")
+    for i, (x, pred, y) in enumerate(examples):
+        save_overlay(display_image(x, y.shape), pred.numpy(), y.numpy(), out / f"overlay_val_{i}.png")
 
 
 # ---------------------------------------------------------------- the driver
@@ -268,18 +262,18 @@ def log_final_artifacts(config: dict, cm, history, examples) -> None:
 class LogMetrics(ray.train.UserCallback):
     """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
     that a lost worker had not reported yet, and that is trained again after the restart, is logged once.
+    While the server is down, epochs wait in a buffer and go with the first report after it is back; what
+    is still buffered when training ends is logged by the driver from the checkpoint's history.
     A change of the worker count (an elastic resize) is also tagged `resize.epoch_N` = "OLD->NEW"."""
 
     def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id, self.workers = uri, run_id, None
+        self.metrics, self.workers = tracking.MetricBuffer(uri, run_id), None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         m = metrics[0]
-        tracking.log_metrics(self.uri, self.run_id, m, step=m["epoch"])
-        if self.workers not in (None, m["workers"]):
-            tracking.set_tags(
-                self.uri, self.run_id, {f"resize.epoch_{m['epoch']}": f"{self.workers}->{m['workers']}"}
-            )
+        resized = self.workers not in (None, m["workers"])
+        tags = {f"resize.epoch_{m['epoch']}": f"{self.workers}->{m['workers']}"} if resized else {}
+        self.metrics.add(m, step=m["epoch"], tags=tags)
         self.workers = m["workers"]
 
 
@@ -308,6 +302,8 @@ def train(
         cfg.epochs = max(epochs, cfg.epochs)
         (root, cfg.name), run_id = run_dir.rsplit("/", 1), saved["mlflow_run_id"]
     manifest = check_config(cfg, num_classes)
+    uri = tracking.tracking_uri(cfg.mlflow_uri)
+    tracking.check(uri)  # one line now, not after Ray and the workers have started
     # Workers run in other directories (and, on a cluster, other machines): give them absolute locations.
     cfg.data, cfg.storage_path = storage.absolute(cfg.data), root
     if cfg.vgg16_weights:
@@ -319,7 +315,6 @@ def train(
     check_resources(cfg)
     low, high = worker_range(cfg.workers)
 
-    uri = tracking.tracking_uri(cfg.mlflow_uri)
     sha = manifest_id(cfg.data)
     if run_id is None:
         run_id = tracking.start_run(uri, cfg.experiment, name, cfg, cfg.data, sha, parent_run_id)
@@ -365,15 +360,18 @@ def train(
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.end_run(uri, run_id, "FAILED")
+        try:
+            tracking.end_run(uri, run_id, "FAILED", wait_s=30)
+        except SegNetError as lost:
+            print(lost, flush=True)
         raise SegNetError(f"training run {name} failed: {e}") from e
     ranked = sorted(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, -1), reverse=True)
     ranked = [(storage.uri(c.filesystem, c.path), m) for c, m in ranked]
     best_uri, best_metrics = next(((u, m) for u, m in ranked if ckpt_io.verifies(u)), (None, None))
     if best_uri is None:
-        tracking.end_run(uri, run_id, "FAILED")
+        tracking.end_run(uri, run_id, "FAILED", wait_s=30)
         raise SegNetError(f"training run {name} finished, but none of its checkpoints verifies")
-    last_meta = storage.join(storage.uri(result.checkpoint.filesystem, result.checkpoint.path), "meta.json")
+    last = storage.uri(result.checkpoint.filesystem, result.checkpoint.path)
     best = {
         "run": name,
         "run_dir": storage.join(root, name),
@@ -383,9 +381,24 @@ def train(
         "metric": cfg.metric,
         "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_") and "iou_" not in k},
         "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k},
-        "history": json.loads(storage.read_bytes(last_meta))["history"],
+        "history": json.loads(storage.read_bytes(storage.join(last, ckpt_io.META)))["history"],
     }
-    tracking.set_tags(uri, run_id, {"best_checkpoint": best_uri, "best_epoch": best_metrics["epoch"]})
+    record_run(uri, run_id, best, last)
+    return best
+
+
+def record_run(uri: str, run_id: str, best: dict, last_checkpoint: str) -> None:
+    """What the driver logs when training is done, waiting for the server if it is away: epochs the
+    controller could not log (the server was down when training ended), the last epoch's plots, the best."""
+    filled = tracking.fill_history(uri, run_id, best["history"])
+    if filled:
+        print(f"logged the metrics of epochs {filled} from the checkpoint's history", flush=True)
+    if storage.exists(storage.join(last_checkpoint, PLOTS, "training_curves.png")):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.copy_folder(storage.join(last_checkpoint, PLOTS), tmp)
+            tracking.log_artifacts(uri, run_id, Path(tmp), PLOTS)
+    tracking.set_tags(
+        uri, run_id, {"best_checkpoint": best["best_checkpoint"], "best_epoch": best["best_epoch"]}
+    )
     tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best["best_metrics"].items()}, step=0)
     tracking.end_run(uri, run_id)
-    return best

@@ -76,3 +76,45 @@ def test_cluster_files_share_a_bucket_not_a_volume():
         assert "s3://" in text and "persistentVolumeClaim" not in text, name
     for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):  # credentials from a Secret, as env vars
         assert "secretRef: {name: segnet-s3}" in (INFRA / name).read_text()
+
+
+def test_mlflow_runs_with_basic_auth_and_credentials_never_on_a_command_line():
+    script = (INFRA / "mlflow-server.sh").read_text()
+    assert "--app-name basic-auth" in script
+    assert "mlflow[auth]" in (ROOT / "pyproject.toml").read_text() and "Flask-WTF" in pins()
+    server = [d for d in yaml.safe_load_all((INFRA / "kuberay" / "mlflow.yaml").read_text()) if d]
+    deployment = next(d for d in server if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["infra/mlflow-server.sh"] and "args" not in container
+    assert {"secretRef": {"name": "segnet-mlflow-admin"}} in container["envFrom"]
+    assert next(d for d in server if d["kind"] == "Service")["spec"]["type"] == "ClusterIP"
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/mlflow.yaml"):
+        text = (INFRA / name).read_text()
+        if name != "kuberay/mlflow.yaml":  # clients: a user, from a Secret
+            assert "secretRef: {name: segnet-mlflow-client}" in text, name
+        literal = [e["name"] for d in yaml.safe_load_all(text) for e in _env_entries(d) if "value" in e]
+        assert not [n for n in literal if "PASSWORD" in n or "SECRET" in n or "TOKEN" in n], (name, literal)
+
+
+def _env_entries(node):
+    """Every `env` entry of every container in a parsed manifest."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield from value
+            else:
+                yield from _env_entries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _env_entries(item)
+
+
+def test_ray_token_authentication_is_on_everywhere():
+    cluster = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())
+    assert cluster["spec"]["authOptions"] == job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    launcher = yaml.safe_load((INFRA / "cluster.yaml").read_text())
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+    assert "RAY_AUTH_MODE=token" in (INFRA / "local-cluster.sh").read_text()

@@ -252,17 +252,59 @@ def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(cluster, s3
     # A restart first asks for the lost node's worker too (Ray's resource view lags by up to 20 s): give up
     # on that placement after 15 s instead of Ray's 60 s, then restart with the workers that fit.
     env = {**cluster["env"], "TMPDIR": str(tmp_path / "tmp"), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    prepare = ["prepare", "--source", camvid_dir, "--out", f"{bucket}/shards", "--limit", 16,
-               "--shard-size", 8, "--workers", 1]  # fmt: skip
-    subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, prepare)], cwd=tmp_path, env=env,
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
-    train = ["train", "--data", f"{bucket}/shards", "--workers", "1-2", "--epochs", epochs, "--batch-size", 4,
-             "--image-size", "48x64", "--loader-workers", 0, "--max-failures", 2, "--name", "elastic",
-             "--storage-path", f"{bucket}/runs", "--mlflow-uri", cluster["mlflow"]]  # fmt: skip
+    prepare = [
+        "prepare",
+        "--source",
+        camvid_dir,
+        "--out",
+        f"{bucket}/shards",
+        "--limit",
+        16,
+        "--shard-size",
+        8,
+        "--workers",
+        1,
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, prepare)],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    train = [
+        "train",
+        "--data",
+        f"{bucket}/shards",
+        "--workers",
+        "1-2",
+        "--epochs",
+        epochs,
+        "--batch-size",
+        4,
+        "--image-size",
+        "48x64",
+        "--loader-workers",
+        0,
+        "--max-failures",
+        2,
+        "--name",
+        "elastic",
+        "--storage-path",
+        f"{bucket}/runs",
+        "--mlflow-uri",
+        cluster["mlflow"],
+    ]
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-c", ELASTIC_DRIVER, *map(str, train)], cwd=tmp_path,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        driver = subprocess.Popen(
+            [sys.executable, "-c", ELASTIC_DRIVER, *map(str, train)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     client = MlflowClient(cluster["mlflow"])
 
     def workers() -> list[tuple[int, int]]:  # (epoch, world size) of each epoch logged so far

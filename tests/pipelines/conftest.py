@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
 from pipelines import registry, tracking
 from segnet import build_model
@@ -49,37 +50,53 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
+def start_mlflow_server(folder: Path, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port` with a sqlite store and proxied artifacts in `folder` (started
+    again on the same folder, it serves the same runs); returns once it answers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--workers", "1", *args]
+    cmd += ["--artifacts-destination", str(folder / "artifacts")]
+    with open(folder / "server.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health", proc)
+    except BaseException:
+        stop_mlflow_server(proc)
+        raise
+    return proc
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture
+def start_mlflow():
+    """`start_mlflow(folder, port, *args, env=None)` starts `mlflow server` (start_mlflow_server) for one
+    test; whatever is still running afterwards is stopped."""
+    procs = []
+
+    def start(folder: Path, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
+        procs.append(start_mlflow_server(folder, port, *args, env=env))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            stop_mlflow_server(proc)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` with a sqlite store and proxied artifacts; yields its http URI."""
-    tmp = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{tmp}/mlflow.db",
-        "--artifacts-destination",
-        str(tmp / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
     try:
-        _wait_for(f"{uri}/health", proc)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        stop_mlflow_server(proc)
 
 
 def write_checkpoint(folder: Path, seed: int, data: Path) -> Path:
@@ -102,7 +119,10 @@ def _register(uri: str, name: str, seed: int, miou: float, tmp: Path, data: Path
     c = tracking.client(uri)
     exp = c.get_experiment_by_name("tests")
     local = None if uri.startswith("http") else (tmp / "artifacts").as_uri()  # a server proxies them
-    exp_id = exp.experiment_id if exp else c.create_experiment("tests", artifact_location=local)
+    try:
+        exp_id = exp.experiment_id if exp else c.create_experiment("tests", artifact_location=local)
+    except MlflowException:  # another process registering at the same moment created it
+        exp_id = c.get_experiment_by_name("tests").experiment_id
     run = c.create_run(exp_id, run_name=f"{name}-{seed}")
     ckpt = write_checkpoint(tmp / f"{name}-{seed}", seed, data)
     scores = {"miou": miou, "global_accuracy": 0.8, "class_accuracy": 0.6, "bf": 0.5}

@@ -33,8 +33,14 @@ def _segnet(*args, ray=None, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if ray is not None:  # join the session's Ray rather than start one per command
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def _refused(r: subprocess.CompletedProcess, command: str, fragment: str) -> str:
@@ -152,8 +158,12 @@ def test_predict_refuses_an_image_it_cannot_or_should_not_decode(
 ):
     path = tmp_path / "in.png"
     camvid = sorted((camvid_dir / "test").iterdir())[0].read_bytes()
-    data = {"decompression bomb": png_declaring(30000, 30000), "truncated": camvid[:5000],
-            "header over the limit": png_declaring(8000, 6000), "text named .png": b"text"}  # fmt: skip
+    data = {
+        "decompression bomb": png_declaring(30000, 30000),
+        "truncated": camvid[:5000],
+        "header over the limit": png_declaring(8000, 6000),
+        "text named .png": b"text",
+    }
     path.write_bytes(data[how])
     with pytest.raises(SegNetError) as e:
         read_rgb(str(path))
@@ -198,8 +208,16 @@ def test_predict_cli_refuses_a_bucket_key_with_dotdot(s3, png_declaring, tmp_pat
     out = tmp_path / "a" / "b" / "labels"
     with pytest.raises(SegNetError, match=r"'\.\./\.\./escape\.png' .* has a '\.\.' part"):
         input_images(f"{s3['bucket']}/hostile/in")
-    r = _segnet("predict", "--model", "models:/none@champion", "--input", f"{s3['bucket']}/hostile/in",
-                "--output", out, cwd=tmp_path)  # fmt: skip
+    r = _segnet(
+        "predict",
+        "--model",
+        "models:/none@champion",
+        "--input",
+        f"{s3['bucket']}/hostile/in",
+        "--output",
+        out,
+        cwd=tmp_path,
+    )
     _refused(r, "predict", "has a '..' part")
     assert list(tmp_path.rglob("*")) == []
 
@@ -222,9 +240,15 @@ def _hostile_checkpoint(folder: Path, marker: Path) -> Path:
     folder.mkdir(parents=True)
     torch.save(Code(marker), folder / "model.pt")
     torch.save({"optimizer": {}, "epoch": 0}, folder / "optimizer.pt")
-    meta = {"config": {"model": "segnet-basic", "data": "x"}, "num_classes": 11, "image_size": [64, 96],
-            "epoch": 0, "weights_sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
-            "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+    meta = {
+        "config": {"model": "segnet-basic", "data": "x"},
+        "num_classes": 11,
+        "image_size": [64, 96],
+        "epoch": 0,
+        "weights_sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 

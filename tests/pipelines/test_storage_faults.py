@@ -121,16 +121,30 @@ def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_retrains_from_the_on
     shards = tmp_path / "shards"
     prepare(camvid_dir, shards, shard_size=4, limit=4)
     mlflow = f"sqlite:///{tmp_path}/mlruns.db"
-    cfg = TrainConfig(data=str(shards), epochs=2, workers=1, batch_size=2, image_size="64x96",
-                      keep_checkpoints=2, loader_workers=0, storage_path=str(tmp_path / "runs"),
-                      mlflow_uri=mlflow, name="r")  # fmt: skip
+    cfg = TrainConfig(
+        data=str(shards),
+        epochs=2,
+        workers=1,
+        batch_size=2,
+        image_size="64x96",
+        keep_checkpoints=2,
+        loader_workers=0,
+        storage_path=str(tmp_path / "runs"),
+        mlflow_uri=mlflow,
+        name="r",
+    )
     first = train(cfg)
     run_dir = first["run_dir"]
     good, bad = ckpt_io.find(run_dir)
     _flip_a_byte(storage.join(bad, "model.pt"))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--resume", run_dir, "--epochs", "3"],
-                       capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "--resume", run_dir, "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     warned = [line for line in r.stdout.splitlines() if "warning: checkpoint" in line]  # from the worker
     assert len(warned) == 1 and bad in warned[0] and "damaged" in warned[0], r.stdout[-3000:]
@@ -153,8 +167,15 @@ def _limited(code: str, limit_bytes: int, cwd: Path) -> subprocess.CompletedProc
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=cwd, env=env, preexec_fn=limit, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        preexec_fn=limit,
+        timeout=120,
+    )
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_leaves_no_file(tmp_path):
@@ -210,8 +231,13 @@ print(json.dumps({n: batches(n) for n in os.listdir(out)}))
 
 def _private_tmpfs_works() -> bool:
     probe = "mount -t tmpfs -o size=1m tmpfs /mnt"
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", probe],
-                       capture_output=True) if shutil.which("unshare") else None  # fmt: skip
+    r = (
+        subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", probe], capture_output=True
+        )
+        if shutil.which("unshare")
+        else None
+    )
     return r is not None and r.returncode == 0
 
 
@@ -226,13 +252,21 @@ def test_prepare_into_a_full_disk_exits_with_one_line_and_no_manifest_or_partial
     out.mkdir()
     lister = tmp_path / "list.py"  # each file left, with its record batches (-1: not a shard)
     lister.write_text(LISTER)
-    script = (f"mount -t tmpfs -o size=2m tmpfs {out} && {sys.executable} -m pipelines.cli prepare --source "
-              f"{small_camvid} --out {out} --shard-size 1 --workers 1; rc=$?; echo LISTING; "
-              f"{sys.executable} {lister} {out}; exit $rc")  # fmt: skip
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {out} && {sys.executable} -m pipelines.cli prepare --source "
+        f"{small_camvid} --out {out} --shard-size 1 --workers 1; rc=$?; echo LISTING; "
+        f"{sys.executable} {lister} {out}; exit $rc"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"segnet prepare: error: {out}/") and "no space to write it" in last

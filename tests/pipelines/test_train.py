@@ -1,6 +1,8 @@
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -230,3 +232,64 @@ def test_train_cli_bad_input_is_one_line(shards, tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: model 'nope': choose one of")
+
+
+def test_unreachable_mlflow_is_one_line_before_any_worker_starts(shards, tmp_path):
+    with pytest.raises(SegNetError, match=r"MLflow tracking store http://127.0.0.1:9 does not answer"):
+        train(_cfg(shards, tmp_path, mlflow_uri="http://127.0.0.1:9"))
+    assert not (tmp_path / "runs").exists()  # no run folder: nothing was started
+    args = ["train", "--data", str(shards), "--mlflow_uri", "http://127.0.0.1:9", "--workers", "1"]
+    args += ["--batch_size", "2", "--storage_path", str(tmp_path / "r")]
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith("segnet train: error: MLflow tracking store http://127.0.0.1:9 does not answer")
+    )
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
+
+
+def test_a_30s_mlflow_outage_during_training_loses_no_epoch(shards, tmp_path, start_mlflow, free_port):
+    """The tracking server is stopped for 30 s in the middle of a run and started again on the same port and
+    store: training goes on, and every epoch's metrics are in the run afterwards, once each."""
+    EPOCHS = 6  # the outage begins after the first: on a fast machine training ends while the server is down
+    folder, port = tmp_path / "mlflow", free_port()
+    server = start_mlflow(folder, port)
+    uri = f"http://127.0.0.1:{port}"
+    small = {"workers": 1, "batch_size": 2, "epochs": EPOCHS, "image_size": "48x64", "keep_checkpoints": 2}
+    cfg = _cfg(shards, tmp_path, mlflow_uri=uri, name="outage", **small)
+    seen = {}
+
+    def outage():
+        nonlocal server
+        while not list((tmp_path / "runs" / "outage").glob("checkpoint_*/meta.json")):
+            time.sleep(0.2)
+        server.terminate()
+        server.wait(30)
+        seen["down"] = _epochs_checkpointed(tmp_path / "runs" / "outage")
+        time.sleep(30)
+        seen["up"] = _epochs_checkpointed(tmp_path / "runs" / "outage")
+        server = start_mlflow(folder, port)
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    best = train(cfg)
+    thread.join(120)
+    assert seen["up"] > seen["down"], "no epoch ended while the server was down: the outage spanned none"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(best["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("val_miou", "train_loss", "val_iou_Road"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(EPOCHS)), (key, steps)  # no hole, no epoch twice
+    assert [h["epoch"] for h in best["history"]] == list(range(EPOCHS))
+    assert "plots/training_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    model, meta = load_checkpoint(best["best_checkpoint"])  # checkpoints unaffected: the best one loads
+    assert meta["epoch"] == best["best_epoch"]
+
+
+def _epochs_checkpointed(run_dir) -> int:
+    metas = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/meta.json")]
+    return max((m["epoch"] + 1 for m in metas), default=0)

@@ -1,0 +1,30 @@
+"""Tracking against a real MLflow server that goes away: what the Ray Train controller logs waits."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+
+
+@pytest.mark.slow
+def test_epochs_logged_while_the_server_is_down_wait_and_arrive_once_it_is_back(
+    tmp_path, start_mlflow, free_port
+):
+    """The controller's buffer neither raises nor waits for the server (a blocked controller handles no
+    worker failure; an outage longer than MLflow's own retries would otherwise end the run)."""
+    folder, port = tmp_path / "mlflow", free_port()
+    server = start_mlflow(folder, port)
+    uri = f"http://127.0.0.1:{port}"
+    run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("outage")).info.run_id
+    server.terminate()
+    server.wait(30)
+    buffer = tracking.MetricBuffer(uri, run_id)
+    buffer.add({"epoch": 0, "val_miou": 0.1}, step=0)
+    buffer.add({"epoch": 1, "val_miou": 0.2}, step=1, tags={"resize.epoch_1": "2->1"})
+    assert [step for step, _, _ in buffer.pending] == [0, 1]
+    start_mlflow(folder, port)
+    buffer.add({"epoch": 2, "val_miou": 0.3}, step=2)
+    assert buffer.pending == []
+    history = MlflowClient(uri).get_metric_history(run_id, "val_miou")
+    assert [(m.step, m.value) for m in history] == [(0, 0.1), (1, 0.2), (2, 0.3)]
+    assert MlflowClient(uri).get_run(run_id).data.tags["resize.epoch_1"] == "2->1"
