@@ -2,6 +2,7 @@
 -> segnet), never back up, and `segnet/` knows nothing of Ray or MLflow."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,14 @@ def test_every_pipelines_module_has_a_place_in_the_layout():
     assert names <= SHARED | set(STEPS), names - SHARED - set(STEPS)
     layout = (ROOT / "docs" / "layout.md").read_text()
     assert all(f"{n}.py" in layout for n in names), [n for n in names if f"{n}.py" not in layout]
+
+
+def test_every_reliability_row_names_tests_that_exist():
+    """docs/reliability.md: each row names the tests that inject its fault; each named test exists."""
+    rows = [r for r in (ROOT / "docs" / "reliability.md").read_text().splitlines() if r.startswith("| ")][2:]
+    assert len(rows) >= 15
+    for row in rows:
+        named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)", row.split(" | ")[-1])
+        assert named, row[:80]
+        for path, name in named:
+            assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.MULTILINE), f"{path}::{name}"
