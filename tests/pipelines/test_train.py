@@ -154,18 +154,6 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path, train_work
     assert steps.count(0) == 1 and set(steps) == {0, 1, 2}
 
 
-def test_resume_continues_an_interrupted_run(shards, tmp_path):
-    cfg = _cfg(shards, tmp_path, epochs=1, workers=1, name="short")
-    first = train(cfg)
-    more = train(TrainConfig(data=str(shards), epochs=2, storage_path=cfg.storage_path), resume="short")
-    assert [h["epoch"] for h in more["history"]] == [0, 1]
-    assert more["mlflow_run_id"] == first["mlflow_run_id"]
-    model, meta = load_checkpoint(
-        more["best_checkpoint"] if more["best_epoch"] == 1 else first["best_checkpoint"]
-    )
-    assert meta["config"]["model"] == "segnet-basic"
-
-
 def test_channels_last_bf16_autocast_and_device_side_input_train(shards, tmp_path):
     """The GPU defaults (augmentation and metrics on the device) through the real worker loop, on a CPU."""
     cfg = _cfg(
