@@ -31,7 +31,7 @@ def wide_help(monkeypatch):
 def segnet(*args, cwd=None):
     """`segnet ARGS` in this process (a new Python for each would import torch each time)."""
     out, err = io.StringIO(), io.StringIO()
-    cwd_before = os.getcwd()
+    cwd_before, env_before = os.getcwd(), dict(os.environ)  # main() sets the console's variables
     try:
         os.chdir(cwd or cwd_before)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -41,6 +41,8 @@ def segnet(*args, cwd=None):
                 code = e.code or 0
     finally:
         os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(env_before)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
