@@ -18,41 +18,21 @@ MAX_PIXELS = 40_000_000  # per image (CamVid's are 172,800): larger ones are ref
 # every CamVid-11 benchmark since): RGB colour -> 0 Sky .. 10 Bicyclist, 11 void.
 CAMVID32_TO_11 = {
     (128, 128, 128): 0,  # Sky
-    (128, 0, 0): 1,
-    (64, 192, 0): 1,
-    (64, 0, 64): 1,
-    (192, 0, 128): 1,
-    (0, 128, 64): 1,
+    (128, 0, 0): 1, (64, 192, 0): 1, (64, 0, 64): 1, (192, 0, 128): 1, (0, 128, 64): 1,
     # Building, Wall, Tunnel, Archway, Bridge
-    (192, 192, 128): 2,
-    (0, 0, 64): 2,  # Column_Pole, TrafficCone
-    (128, 64, 128): 3,
-    (128, 0, 192): 3,
-    (192, 0, 64): 3,  # Road, LaneMkgsDriv, LaneMkgsNonDriv
-    (0, 0, 192): 4,
-    (64, 192, 128): 4,
-    (128, 128, 192): 4,  # Sidewalk, ParkingBlock, RoadShoulder
-    (128, 128, 0): 5,
-    (192, 192, 0): 5,  # Tree, VegetationMisc
-    (192, 128, 128): 6,
-    (128, 128, 64): 6,
-    (0, 64, 64): 6,  # SignSymbol, Misc_Text, TrafficLight
+    (192, 192, 128): 2, (0, 0, 64): 2,  # Column_Pole, TrafficCone
+    (128, 64, 128): 3, (128, 0, 192): 3, (192, 0, 64): 3,  # Road, LaneMkgsDriv, LaneMkgsNonDriv
+    (0, 0, 192): 4, (64, 192, 128): 4, (128, 128, 192): 4,  # Sidewalk, ParkingBlock, RoadShoulder
+    (128, 128, 0): 5, (192, 192, 0): 5,  # Tree, VegetationMisc
+    (192, 128, 128): 6, (128, 128, 64): 6, (0, 64, 64): 6,  # SignSymbol, Misc_Text, TrafficLight
     (64, 64, 128): 7,  # Fence
-    (64, 0, 128): 8,
-    (64, 128, 192): 8,
-    (192, 128, 192): 8,
-    (192, 64, 128): 8,
-    (128, 64, 64): 8,
+    (64, 0, 128): 8, (64, 128, 192): 8, (192, 128, 192): 8, (192, 64, 128): 8, (128, 64, 64): 8,
     # Car, SUVPickupTruck, Truck_Bus, Train, OtherMoving
-    (64, 64, 0): 9,
-    (192, 128, 64): 9,
-    (64, 0, 192): 9,
-    (64, 128, 64): 9,
+    (64, 64, 0): 9, (192, 128, 64): 9, (64, 0, 192): 9, (64, 128, 64): 9,
     # Pedestrian, Child, CartLuggagePram, Animal
-    (0, 128, 192): 10,
-    (192, 0, 192): 10,  # Bicyclist, MotorcycleScooter
+    (0, 128, 192): 10, (192, 0, 192): 10,  # Bicyclist, MotorcycleScooter
     (0, 0, 0): VOID,  # Void
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
