@@ -20,6 +20,10 @@ METRICS = ("val_miou", "val_global_accuracy", "val_class_accuracy", "val_bf")
 COMPILE = ("auto", "on", "off")
 INPUTS = ("auto", "loader", "device")
 SCHEDULERS = ("asha", "fifo")
+TABLE1_BALANCING = {
+    "median_frequency": "median frequency",
+    "none": "natural frequency",
+}  # Table 1's two modes
 
 
 def choose(key: str, value, choices) -> None:
@@ -190,7 +194,7 @@ class Table1Config:
             scheduler="fifo",
             lr_min=0.1,
             lr_max=0.1,
-            class_weighting=["median_frequency", "none"],
+            class_weighting=list(TABLE1_BALANCING),
         )
     )
     variants: list[str] = field(
@@ -218,7 +222,7 @@ class Table1Config:
         for v in self.variants:
             choose("variants", v, PAPER_TABLE1)
         for mode in self.tune.class_weighting:
-            choose("tune.class_weighting", mode, ("median_frequency", "none"))
+            choose("tune.class_weighting", mode, TABLE1_BALANCING)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from data_prep import storage
 from data_prep.augment import parse_size
 from data_prep.shards import init_ray, manifest_id, read_manifest
 from pipelines import tracking
+from pipelines.config import TABLE1_BALANCING as BALANCING
 from pipelines.config import Table1Config
 from pipelines.evaluate import evaluate
 from pipelines.measure import measure_step
@@ -23,7 +24,6 @@ from segnet.models import build_model, count_parameters
 from segnet.paper import PAPER_SOURCE, PAPER_TABLE1
 
 MEASURES = ("G", "C", "mIoU", "BF")
-BALANCING = {"median_frequency": "median frequency", "none": "natural frequency"}
 
 
 def inference_ms(model: str, size: tuple[int, int], steps: int) -> float:
