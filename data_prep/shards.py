@@ -164,6 +164,13 @@ def _valid_existing(out: Path, fingerprint: str, limit: int | None, compression:
     return True
 
 
+# Ray starts at most one worker process per CPU at a time and warns on the console once 4x that many
+# exist. A search runs, by design, a trial, a Train controller, its workers and Ray Data's actors, which
+# passes 8 on a 2-CPU machine: allow 3 starts per CPU (SkyPilot's setting), so the warning fires at
+# 12 processes per CPU, where it points at a real leak.
+STARTUP_CONFIG = {"worker_maximum_startup_concurrency": 3 * (os.cpu_count() or 1)}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster (`address` or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
     import ray
@@ -179,7 +186,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         context = ray.init(address=address, **options)
     else:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only.
-        context = ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **options)
+        context = ray.init(
+            num_cpus=num_cpus, dashboard_host="127.0.0.1", _system_config=STARTUP_CONFIG, **options
+        )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
 

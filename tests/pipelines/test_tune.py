@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -250,6 +251,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     done_name = finished[0].info.run_name
     r = _segnet("tune", "--resume", "s2", "--storage-path", str(tmp_path / "runs"), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the console holds the project's lines: no Ray or MLflow INFO or WARNING record (`-v` shows them),
+    # a progress bar within each epoch, then the epoch's line
+    console = r.stdout + r.stderr
+    assert not re.search(r"\b(INFO|WARNING)\b", console), console[-3000:]
+    assert re.search(r"epoch 1/1: +\d+%", console) and re.search(r"epoch 1/1  loss", console), console[-3000:]
     c = MlflowClient(tracking_uri=uri)
     runs = c.search_runs([c.get_experiment_by_name("segnet-camvid").experiment_id])
     trial_runs = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
