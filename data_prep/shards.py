@@ -185,6 +185,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         context = ray.init(address=address, **options)
     else:
+        # One machine has no node that a cloud can reclaim: Ray Train's preemption watcher (an actor per run,
+        # whose start Ray core reports with an error line) has nothing to watch.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only.
         context = ray.init(
             num_cpus=num_cpus, dashboard_host="127.0.0.1", _system_config=STARTUP_CONFIG, **options

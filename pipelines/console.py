@@ -1,20 +1,28 @@
 """What the console shows: the project's own lines, and a progress bar within each epoch. Ray's and MLflow's
-log lines go to their log files (Ray's session folder; MLflow's logger at WARNING and above is kept) unless
-`segnet -v` asks for them; workers learn it from SEGNET_VERBOSE."""
+log lines go to their log files (Ray's session folder; MLflow's to `library_log()`) unless `segnet -v` asks
+for them; workers learn both from the environment (SEGNET_VERBOSE, SEGNET_LOG_FILE)."""
 
 import contextlib
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
 VERBOSE = "SEGNET_VERBOSE"
+LOG_FILE = "SEGNET_LOG_FILE"  # where MLflow's lines go; set once per command, inherited by Ray workers
+LOG_DIR = Path(os.environ.get("SEGNET_LOG_DIR") or Path.home() / ".cache" / "segnet" / "logs")
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "mlflow", "alembic", "urllib3")
 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE) == "1"
+
+
+def library_log() -> Path | None:
+    """The file that takes MLflow's log lines in this command, None when they go to the console (`-v`)."""
+    return None if verbose() or not os.environ.get(LOG_FILE) else Path(os.environ[LOG_FILE])
 
 
 def setup(is_verbose: bool = False) -> None:
@@ -30,7 +38,11 @@ def quiet() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter is silent at verbose=0
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print shows once, not twice
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # a process that imports MLflow but not tracking
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault(
+        LOG_FILE, str(LOG_DIR / f"segnet-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    )
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))  # its file log, console errors
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

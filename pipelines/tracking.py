@@ -1,5 +1,6 @@
 """MLflow, in one place: runs, params, per-epoch metrics, the data manifest as input, artifacts."""
 
+import logging
 import os
 import subprocess
 import time
@@ -14,6 +15,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipelines import console
 from segnet.errors import SegNetError
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -23,6 +25,36 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 WAIT_S = 900  # how long a finished run waits for its server to come back
+
+
+def _quiet_mlflow() -> None:
+    """Unless `segnet -v`: MLflow's event stream, which carries its log records (INFO and up, also
+    alembic's) and its prints ("Successfully registered model ..."), writes to the command's log file."""
+    path = console.library_log()
+    if path is None:
+        return
+    from mlflow.utils import logging_utils
+
+    class LogFile(logging_utils.MlflowLoggingStream):
+        def write(self, text):
+            if self.enabled:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a") as f:
+                    f.write(text)
+
+        def flush(self):
+            pass
+
+    stream = LogFile()
+    logging_utils.MLFLOW_LOGGING_STREAM = stream  # what MLflow's prints are written to
+    logger = logging.getLogger("mlflow")
+    for handler in logger.handlers:  # MLflow's one handler, also alembic's and sqlalchemy's
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(stream)
+    logger.setLevel(logging.INFO)
+
+
+_quiet_mlflow()
 
 
 def tracking_uri(uri: str | None = None) -> str:

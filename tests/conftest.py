@@ -4,6 +4,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +30,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def segnet_cli(tmp_path_factory):
+    """`segnet_cli(*ARGS, cwd=, env=, timeout=)` runs `segnet ARGS` as a user does: a new process with its
+    own console (and its own local Ray unless `env` names RAY_ADDRESS); `env` adds to this environment.
+    Library log files go to a folder of the session, not the user's ~/.cache/segnet/logs."""
+    logs = {"SEGNET_LOG_DIR": str(tmp_path_factory.mktemp("segnet-logs"))}
+
+    def run(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, **logs, **(env or {})},
+            timeout=timeout,
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,5 @@
 import hashlib
 import http.server
-import subprocess
-import sys
 import threading
 import zipfile
 from functools import partial
@@ -31,16 +29,10 @@ def archive_server(small_camvid, tmp_path):
     server.shutdown()
 
 
-def _download(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "data", "download", *args], capture_output=True, text=True
-    )
-
-
-def test_download_verifies_and_unpacks(archive_server, small_camvid, tmp_path):
+def test_download_verifies_and_unpacks(archive_server, small_camvid, tmp_path, segnet_cli):
     url, digest = archive_server
     dest = tmp_path / "data" / "CamVid"
-    r = _download("--dest", str(dest), "--url", url, "--sha256", digest)
+    r = segnet_cli("data", "download", "--dest", str(dest), "--url", url, "--sha256", digest)
     assert r.returncode == 0, r.stderr
     pairs = find_pairs(dest)
     assert {s: len(p) for s, p in pairs.items()} == {"train": 2, "val": 2, "test": 2}
@@ -49,14 +41,16 @@ def test_download_verifies_and_unpacks(archive_server, small_camvid, tmp_path):
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["CamVid"]  # no temporary left behind
 
 
-def test_download_with_wrong_checksum_leaves_nothing(archive_server, tmp_path):
+def test_download_with_wrong_checksum_leaves_nothing(archive_server, tmp_path, segnet_cli):
     url, _ = archive_server
     dest = tmp_path / "data" / "CamVid"
-    r = _download("--dest", str(dest), "--url", url, "--sha256", "0" * 64)
+    r = segnet_cli("data", "download", "--dest", str(dest), "--url", url, "--sha256", "0" * 64)
     assert r.returncode == 2 and "sha256 is" in r.stderr and "Traceback" not in r.stderr
     assert not dest.exists() and list((tmp_path / "data").iterdir()) == []
 
 
-def test_download_unreachable_url_is_a_clear_error(tmp_path):
-    r = _download("--dest", str(tmp_path / "CamVid"), "--url", "http://127.0.0.1:9/none.zip")
+def test_download_unreachable_url_is_a_clear_error(tmp_path, segnet_cli):
+    r = segnet_cli(
+        "data", "download", "--dest", str(tmp_path / "CamVid"), "--url", "http://127.0.0.1:9/none.zip"
+    )
     assert r.returncode == 2 and "could not download http://127.0.0.1:9/none.zip" in r.stderr

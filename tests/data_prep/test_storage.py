@@ -61,17 +61,6 @@ def test_a_shard_changed_in_the_bucket_is_refused(s3, small_camvid, ray_local, c
         list(iter_samples(uri, "val"))
 
 
-def _cli(*args, env=None, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        timeout=300,
-    )
-
-
 def _one_line_naming(r, uri: str) -> str:
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
@@ -79,18 +68,18 @@ def _one_line_naming(r, uri: str) -> str:
     return lines[0]
 
 
-def test_a_missing_bucket_is_one_line_naming_the_uri(s3, tmp_path):
+def test_a_missing_bucket_is_one_line_naming_the_uri(s3, tmp_path, segnet_cli):
     uri = "s3://no-such-bucket-here/shards"
-    line = _one_line_naming(_cli("evaluate", "--checkpoint", f"{uri}/ckpt", "--data", uri), uri)
+    line = _one_line_naming(segnet_cli("evaluate", "--checkpoint", f"{uri}/ckpt", "--data", uri), uri)
     assert "does not exist" in line
 
 
-def test_an_unreachable_endpoint_is_one_line_naming_the_uri(s3, tmp_path):
+def test_an_unreachable_endpoint_is_one_line_naming_the_uri(s3, tmp_path, segnet_cli):
     uri = f"{s3['bucket']}/shards"
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
-    r = _cli(
+    r = segnet_cli(
         "train",
         "--data",
         uri,
@@ -138,15 +127,15 @@ def s3_with_credentials():
         server.wait(timeout=30)
 
 
-def test_bad_credentials_are_one_line_naming_the_uri(s3_with_credentials):
+def test_bad_credentials_are_one_line_naming_the_uri(s3_with_credentials, segnet_cli):
     s = s3_with_credentials
     uri = f"{s['bucket']}/shards"
     env = {"AWS_ENDPOINT_URL": s["endpoint"], "AWS_ACCESS_KEY_ID": s["key"]["AccessKeyId"]}
     command = ("evaluate", "--checkpoint", f"{uri}/ckpt", "--data", uri)
-    bad = _cli(*command, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"})
+    bad = segnet_cli(*command, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"})
     assert "access denied: check the credentials" in _one_line_naming(bad, uri)
     # the same command with the right secret gets past the store: the shards are simply not there
-    good = _cli(*command, env={**env, "AWS_SECRET_ACCESS_KEY": s["key"]["SecretAccessKey"]})
+    good = segnet_cli(*command, env={**env, "AWS_SECRET_ACCESS_KEY": s["key"]["SecretAccessKey"]})
     assert good.returncode == 2 and "access denied" not in good.stderr, good.stderr[-2000:]
 
 

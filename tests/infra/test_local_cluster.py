@@ -94,7 +94,7 @@ def _bucket_files(uri: str) -> list[str]:
 
 
 def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
-    cluster, s3, camvid_dir, tmp_path
+    cluster, s3, camvid_dir, tmp_path, segnet_cli
 ):
     nodes = _state(cluster, f"list_nodes(address='{cluster['dashboard']}')")
     assert len([n for n in nodes if n["state"] == "ALIVE"]) == 2
@@ -105,14 +105,7 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     tree_before = _tree_status()
 
     def segnet(*args, timeout=300):
-        r = subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=client,
-            env=env,
-        )
+        r = segnet_cli(*args, cwd=client, env=env, timeout=timeout)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         return r.stdout + r.stderr
 
@@ -243,7 +236,9 @@ ELASTIC_DRIVER = (
 )
 
 
-def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(cluster, s3, camvid_dir, tmp_path):
+def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(
+    cluster, s3, camvid_dir, tmp_path, segnet_cli
+):
     """`segnet train --workers 1-2` on both nodes; the worker node is SIGKILLed (raylet, agents, workers) in
     epoch 1; the run goes on from epoch 0's checkpoint on the head alone, and once the node is started again
     Ray Train grows the group back to 2 workers (again from the last checkpoint), and the run completes."""
@@ -265,14 +260,8 @@ def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(cluster, s3
         "--workers",
         1,
     ]
-    subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, prepare)],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    r = segnet_cli(*prepare, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     train = [
         "train",
         "--data",

@@ -110,7 +110,7 @@ def shards(camvid_dir, ray_local, tmp_path_factory):
     return out
 
 
-def _train(shards, tmp_path, address, *extra):
+def _train(segnet_cli, shards, tmp_path, address, *extra):
     args = [
         "train",
         "--data",
@@ -134,26 +134,34 @@ def _train(shards, tmp_path, address, *extra):
         *extra,
     ]
     t0 = time.monotonic()
-    command = [sys.executable, "-m", "pipelines.cli", *map(str, args)]
-    r = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = segnet_cli(*args, cwd=tmp_path)
     return r, time.monotonic() - t0
 
 
-def test_a_run_waits_for_the_autoscaler_to_add_a_node(autoscaling_cluster, shards, tmp_path):
-    r, _ = _train(shards, tmp_path, autoscaling_cluster["address"], "--placement-timeout", "180")
+def test_a_run_waits_for_the_autoscaler_to_add_a_node(autoscaling_cluster, shards, tmp_path, segnet_cli):
+    r, _ = _train(segnet_cli, shards, tmp_path, autoscaling_cluster["address"], "--placement-timeout", "180")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "waiting up to 180 s for the autoscaler to add nodes: 1 workers need 1 CPUs" in r.stdout
 
 
-def test_a_run_that_cannot_be_placed_in_time_fails_with_one_line(autoscaling_cluster, shards, tmp_path):
+def test_a_run_that_cannot_be_placed_in_time_fails_with_one_line(
+    autoscaling_cluster, shards, tmp_path, segnet_cli
+):
     r, seconds = _train(
-        shards, tmp_path, autoscaling_cluster["address"], "--gpus-per-worker", "1", "--placement-timeout", "5"
+        segnet_cli,
+        shards,
+        tmp_path,
+        autoscaling_cluster["address"],
+        "--gpus-per-worker",
+        "1",
+        "--placement-timeout",
+        "5",
     )
     assert r.returncode == 2 and "no room after --placement-timeout 5 s" in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: no room")  # after Ray's own log
     assert "Traceback" not in r.stderr and seconds < 120
 
 
-def test_without_a_timeout_a_run_fails_at_once(autoscaling_cluster, shards, tmp_path):
-    r, _ = _train(shards, tmp_path, autoscaling_cluster["address"], "--gpus-per-worker", "1")
+def test_without_a_timeout_a_run_fails_at_once(autoscaling_cluster, shards, tmp_path, segnet_cli):
+    r, _ = _train(segnet_cli, shards, tmp_path, autoscaling_cluster["address"], "--gpus-per-worker", "1")
     assert r.returncode == 2 and "the Ray cluster has" in r.stderr and "waiting" not in r.stdout

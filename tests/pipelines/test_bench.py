@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -8,15 +6,11 @@ from data_prep import prepare
 
 
 @pytest.mark.slow
-def test_bench_data_prints_measured_figures(small_camvid, ray_local, tmp_path):
+def test_bench_data_prints_measured_figures(small_camvid, ray_local, tmp_path, segnet_cli):
     prepare(small_camvid, tmp_path / "shards", shard_size=2)
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "bench", "data", "--data", str(tmp_path / "shards")]
-        + ["--source", str(small_camvid), "--samples", "2", "--image-size", "90x120", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    args = ["bench", "data", "--data", tmp_path / "shards", "--source", small_camvid, "--samples", "2"]
+    r = segnet_cli(*args, "--image-size", "90x120", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(r.stdout)
     for key in (
         "png_decode_per_s",

@@ -2,34 +2,22 @@
 a directory that holds no project files."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from data_prep import prepare, storage
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": ROOT}  # the project's packages, not its files in the directory
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
+def _json(r) -> dict:
+    """The JSON a successful `segnet train` or `evaluate --json` prints last."""
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return json.loads(r.stdout[r.stdout.index("{\n") :])
 
 
 def test_train_evaluate_and_resume_through_the_bucket_from_an_empty_directory(
-    s3, ray_local, camvid_dir, tmp_path
+    s3, ray_local, camvid_dir, tmp_path, segnet_cli
 ):
     shards, runs = f"{s3['bucket']}/runs-test/shards", f"{s3['bucket']}/runs-test/runs"
     prepare(camvid_dir, shards, shard_size=4, limit=8)
@@ -58,14 +46,14 @@ def test_train_evaluate_and_resume_through_the_bucket_from_an_empty_directory(
         "--name",
         "r1",
     ]
-    best = _cli(*train, cwd=work)
+    best = _json(segnet_cli(*train, cwd=work))
     checkpoint = best["best_checkpoint"]
     assert checkpoint.startswith(f"{runs}/r1/checkpoint_")
-    result = _cli(
-        "evaluate", "--checkpoint", checkpoint, "--data", shards, "--split", "val", "--json", cwd=work
-    )
+    evaluate = ["evaluate", "--checkpoint", checkpoint, "--data", shards, "--split", "val", "--json"]
+    result = _json(segnet_cli(*evaluate, cwd=work))
     assert result["miou"] == pytest.approx(best["best_metrics"]["val_miou"], abs=1e-3)
     assert "metrics.json" in storage.list_names(f"{checkpoint}/eval-val")
-    resumed = _cli("train", "--resume", f"{runs}/r1", "--epochs", "2", "--mlflow-uri", mlflow, cwd=work)
+    resume = ["train", "--resume", f"{runs}/r1", "--epochs", "2", "--mlflow-uri", mlflow]
+    resumed = _json(segnet_cli(*resume, cwd=work))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1]
     assert list(work.iterdir()) == []  # nothing written where the commands ran

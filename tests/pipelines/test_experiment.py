@@ -2,8 +2,6 @@ import csv
 import json
 import math
 import re
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -68,13 +66,8 @@ def profile(profile_name: str, tmp_path, **train) -> Table1Config:
         (["--config", "configs/huge.yaml"], "does not exist"),
     ],
 )
-def test_cli_refuses_a_bad_grid_before_starting_anything(args, message, tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "experiment", "table1", "--data", str(tmp_path / "x"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_cli_refuses_a_bad_grid_before_starting_anything(args, message, tmp_path, segnet_cli):
+    r = segnet_cli("experiment", "table1", "--data", tmp_path / "x", *args, timeout=120)
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "x").exists()  # nothing prepared, nothing written
 

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
@@ -25,22 +24,6 @@ from pipelines import checkpoint as ckpt_io
 from pipelines.predict import input_images, read_rgb
 from pipelines.pyfunc_model import SegNetModel
 from segnet import SegNetError, build_model
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _segnet(*args, ray=None, cwd=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if ray is not None:  # join the session's Ray rather than start one per command
-        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 def _refused(r: subprocess.CompletedProcess, command: str, fragment: str) -> str:
@@ -126,13 +109,14 @@ def test_prepare_refuses_hostile_input_by_name_before_decoding_it(hostile_source
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["decompression bomb", *LISTING])
 def test_prepare_cli_exits_2_with_one_line_and_writes_nothing(
-    hostile_source, png_declaring, ray_local, tmp_path, how
+    hostile_source, png_declaring, ray_local, tmp_path, how, segnet_cli
 ):
     source, outside = hostile_source
     fragment = _hostile_camvid(source, outside, how, png_declaring)
     before = {"source": _tree(source), "outside": _tree(outside)}
     out = tmp_path / "out"
-    r = _segnet("prepare", "--source", source, "--out", out, "--shard-size", "1", ray=ray_local, cwd=tmp_path)
+    joined = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # not a Ray per command
+    r = segnet_cli("prepare", "--source", source, "--out", out, "--shard-size", "1", env=joined, cwd=tmp_path)
     _refused(r, "prepare", fragment)
     assert not out.exists() or list(out.iterdir()) == []  # no manifest, no shard, no temporary file
     assert {"source": _tree(source), "outside": _tree(outside)} == before
@@ -178,7 +162,9 @@ def _photos(tmp_path: Path, camvid_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize("how", ["symlink out of the input", "newline in a name"])
-def test_predict_cli_refuses_a_hostile_input_listing_before_any_model_loads(camvid_dir, tmp_path, how):
+def test_predict_cli_refuses_a_hostile_input_listing_before_any_model_loads(
+    camvid_dir, tmp_path, how, segnet_cli
+):
     photos = _photos(tmp_path, camvid_dir)
     secret = tmp_path / "secret.png"
     shutil.copy(photos / "street.png", secret)
@@ -189,14 +175,14 @@ def test_predict_cli_refuses_a_hostile_input_listing_before_any_model_loads(camv
         shutil.copy(secret, photos / "two\nlines.png")
         fragment = "'two\\nlines.png'"
     out = tmp_path / "labels"
-    r = _segnet(
+    r = segnet_cli(
         "predict", "--model", "models:/none@champion", "--input", photos, "--output", out, cwd=tmp_path
     )
     _refused(r, "predict", fragment)
     assert not out.exists()
 
 
-def test_predict_cli_refuses_a_bucket_key_with_dotdot(s3, png_declaring, tmp_path):
+def test_predict_cli_refuses_a_bucket_key_with_dotdot(s3, png_declaring, tmp_path, segnet_cli):
     """A key `in/../../escape.png` (S3 allows it) would put its label PNG two folders above --output."""
     endpoint = urlparse(s3["env"]["AWS_ENDPOINT_URL"])
     bucket = s3["bucket"].removeprefix("s3://")
@@ -208,7 +194,7 @@ def test_predict_cli_refuses_a_bucket_key_with_dotdot(s3, png_declaring, tmp_pat
     out = tmp_path / "a" / "b" / "labels"
     with pytest.raises(SegNetError, match=r"'\.\./\.\./escape\.png' .* has a '\.\.' part"):
         input_images(f"{s3['bucket']}/hostile/in")
-    r = _segnet(
+    r = segnet_cli(
         "predict",
         "--model",
         "models:/none@champion",
@@ -280,11 +266,11 @@ def tiny_shards(camvid_dir, ray_local, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_evaluate_cli_refuses_a_checkpoint_that_pickles_code(tiny_shards, tmp_path):
+def test_evaluate_cli_refuses_a_checkpoint_that_pickles_code(tiny_shards, tmp_path, segnet_cli):
     marker = tmp_path / "marker"
     folder = _hostile_checkpoint(tmp_path / "checkpoint", marker)
     before = _tree(tmp_path)
-    r = _segnet("evaluate", "--checkpoint", folder, "--data", tiny_shards, "--split", "test", cwd=tmp_path)
+    r = segnet_cli("evaluate", "--checkpoint", folder, "--data", tiny_shards, "--split", "test", cwd=tmp_path)
     _refused(r, "evaluate", f"{folder}/model.pt {REFUSAL}")
     assert not marker.exists()
     assert _tree(tmp_path) == before  # no eval-test folder, nothing else

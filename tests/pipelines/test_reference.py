@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,29 +29,9 @@ def test_channels_last_model_matches_the_plain_reference(name, size):
         assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), n
 
 
-def test_bench_model_prints_measured_figures():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "bench",
-            "model",
-            "--model",
-            "segnet-basic",
-            "--image-size",
-            "32x48",
-            "--batch-size",
-            "1",
-            "--steps",
-            "1",
-            "--baseline",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_bench_model_prints_measured_figures(segnet_cli):
+    args = ["bench", "model", "--model", "segnet-basic", "--image-size", "32x48", "--batch-size", "1"]
+    r = segnet_cli(*args, "--steps", "1", "--baseline", "--json", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(r.stdout)
     for key in ("seconds_per_step", "flops_per_image", "matmul_flops_per_s", "speed_vs_baseline"):

@@ -113,7 +113,7 @@ def test_a_damaged_checkpoint_in_the_bucket_falls_back_and_a_run_with_none_good_
 
 @pytest.mark.slow
 def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_retrains_from_the_one_before(
-    ray_local, camvid_dir, tmp_path
+    ray_local, camvid_dir, tmp_path, segnet_cli
 ):
     """`segnet train --resume` after model.pt of the newest checkpoint was damaged on disk."""
     from pipelines.train import TrainConfig, train
@@ -137,14 +137,8 @@ def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_retrains_from_the_on
     run_dir = first["run_dir"]
     good, bad = ckpt_io.find(run_dir)
     _flip_a_byte(storage.join(bad, "model.pt"))
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--resume", run_dir, "--epochs", "3"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    joined = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    r = segnet_cli("train", "--resume", run_dir, "--epochs", "3", env=joined)
     assert r.returncode == 0, r.stderr[-3000:]
     warned = [line for line in r.stdout.splitlines() if "warning: checkpoint" in line]  # from the worker
     assert len(warned) == 1 and bad in warned[0] and "damaged" in warned[0], r.stdout[-3000:]

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 import threading
 import time
 
@@ -82,14 +80,10 @@ def test_evaluate_reproduces_the_reported_metrics(two_worker_run, shards, tmp_pa
     assert (tmp_path / "eval" / "overlay_val_0.png").stat().st_size > 0
 
 
-def test_evaluate_cli_prints_the_table(two_worker_run, shards, tmp_path):
+def test_evaluate_cli_prints_the_table(two_worker_run, shards, tmp_path, segnet_cli):
     _, best = two_worker_run
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "evaluate", "--checkpoint", best["best_checkpoint"]]
-        + ["--data", str(shards), "--split", "test", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
+    args = ["evaluate", "--checkpoint", best["best_checkpoint"], "--data", shards, "--split", "test"]
+    r = segnet_cli(*args, "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert "mIoU" in r.stdout and "Bicyclist" in r.stdout
     assert (tmp_path / "confusion_matrix_test.png").exists()
@@ -211,25 +205,19 @@ def test_class_count_and_resume_path_are_checked(shards, tmp_path):
         train(_cfg(shards, tmp_path), resume="empty")
 
 
-def test_train_cli_bad_input_is_one_line(shards, tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--data", str(shards), "--model", "nope"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+def test_train_cli_bad_input_is_one_line(shards, tmp_path, segnet_cli):
+    r = segnet_cli("train", "--data", shards, "--model", "nope", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("segnet train: error: model 'nope': choose one of")
 
 
-def test_unreachable_mlflow_is_one_line_before_any_worker_starts(shards, tmp_path):
+def test_unreachable_mlflow_is_one_line_before_any_worker_starts(shards, tmp_path, segnet_cli):
     with pytest.raises(SegNetError, match=r"MLflow tracking store http://127.0.0.1:9 does not answer"):
         train(_cfg(shards, tmp_path, mlflow_uri="http://127.0.0.1:9"))
     assert not (tmp_path / "runs").exists()  # no run folder: nothing was started
     args = ["train", "--data", str(shards), "--mlflow_uri", "http://127.0.0.1:9", "--workers", "1"]
     args += ["--batch_size", "2", "--storage_path", str(tmp_path / "r")]
-    cmd = [sys.executable, "-m", "pipelines.cli", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = segnet_cli(*args, cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert (
         r.stderr.strip()

@@ -54,12 +54,6 @@ def search(shards, tmp_path_factory):
     return cfg, tune_search(cfg)
 
 
-def _segnet(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, **kw
-    )
-
-
 def test_search_registers_the_best_trial_as_champion(search):
     cfg, summary = search
     assert len(summary["trials"]) == 2
@@ -84,14 +78,14 @@ def test_trials_are_mlflow_runs_nested_under_the_search(search):
     assert "best_test_miou" in parent.data.metrics
 
 
-def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path):
+def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path, segnet_cli):
     cfg, _ = search
     image = sorted((camvid_dir / "test").iterdir())[0]
     small = tmp_path / "in" / "small.png"
     small.parent.mkdir()
     Image.open(image).resize((150, 100)).save(small)  # another size than the model's
     (tmp_path / "in" / image.name).write_bytes(image.read_bytes())
-    r = _segnet(
+    r = segnet_cli(
         "predict",
         "--model",
         "models:/segnet-camvid@champion",
@@ -110,10 +104,10 @@ def test_champion_predicts_in_a_new_process(search, camvid_dir, tmp_path):
     assert (tmp_path / "out" / "small_overlay.png").exists()
 
 
-def test_evaluate_model_uri_reproduces_the_registered_test_scores(search, shards, tmp_path):
+def test_evaluate_model_uri_reproduces_the_registered_test_scores(search, shards, tmp_path, segnet_cli):
     cfg, summary = search
     args = ["evaluate", "--model-uri", "models:/segnet-camvid@champion", "--data", str(shards), "--split"]
-    r = _segnet(*args, "test", "--out", str(tmp_path), "--json", "--mlflow-uri", cfg.train.mlflow_uri)
+    r = segnet_cli(*args, "test", "--out", str(tmp_path), "--json", "--mlflow-uri", cfg.train.mlflow_uri)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["miou"] == pytest.approx(summary["test"]["miou"], abs=1e-6)
@@ -140,11 +134,11 @@ def test_alias_does_not_move_to_a_model_that_is_not_better(search):
     assert registry.show(cfg.train.mlflow_uri, "segnet-camvid@champion")["version"] == forced["version"]
 
 
-def test_registry_cli_list_and_show(search):
+def test_registry_cli_list_and_show(search, segnet_cli):
     cfg, _ = search
-    r = _segnet("registry", "list", "--mlflow-uri", cfg.train.mlflow_uri)
+    r = segnet_cli("registry", "list", "--mlflow-uri", cfg.train.mlflow_uri)
     assert r.returncode == 0 and "segnet-camvid" in r.stdout and "@champion" in r.stdout
-    r = _segnet("registry", "show", "segnet-camvid/1", "--mlflow-uri", cfg.train.mlflow_uri)
+    r = segnet_cli("registry", "show", "segnet-camvid/1", "--mlflow-uri", cfg.train.mlflow_uri)
     assert r.returncode == 0 and '"version": "1"' in r.stdout
 
 
@@ -180,7 +174,9 @@ def test_unknown_model_or_alias_lists_what_exists(search, ref, message):
         registry.resolve_version(cfg.train.mlflow_uri, ref)
 
 
-def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, png_declaring, tmp_path):
+def test_an_undecodable_image_is_named_skipped_and_counted(
+    search, camvid_dir, png_declaring, tmp_path, segnet_cli
+):
     cfg, _ = search
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
@@ -188,7 +184,7 @@ def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, p
     good = sorted((camvid_dir / "test").iterdir())[0]
     (tmp_path / "in" / "cut.png").write_bytes(good.read_bytes()[:5000])
     (tmp_path / "in" / "sub" / good.name).write_bytes(good.read_bytes())
-    r = _segnet(
+    r = segnet_cli(
         "predict",
         "--input",
         str(tmp_path / "in"),
@@ -205,8 +201,8 @@ def test_an_undecodable_image_is_named_skipped_and_counted(search, camvid_dir, p
     assert written == [tmp_path / "o" / "sub" / good.name]  # the good one only, beside the input's layout
 
 
-def test_unreachable_registry_is_one_line_with_the_uri(tmp_path):
-    r = _segnet("registry", "list", "--mlflow-uri", "http://127.0.0.1:9", timeout=120)
+def test_unreachable_registry_is_one_line_with_the_uri(tmp_path, segnet_cli):
+    r = segnet_cli("registry", "list", "--mlflow-uri", "http://127.0.0.1:9", timeout=120)
     assert r.returncode == 2
     assert "http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
 
@@ -223,7 +219,7 @@ def test_bad_search_space_is_refused(shards, tmp_path, change, message):
         tune_search(_cfg(shards, tmp_path, **change))
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tmp_path):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tmp_path, segnet_cli):
     args = ["tune", "--data", str(shards), "--num-samples", "3", "--epochs", "1", "--image-size", "64x96"]
     args += ["--batch-size", "4", "--max-concurrent", "1", "--scheduler", "fifo", "--loader-workers", "0"]
     args += ["--storage-path", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path}/mlruns.db"]
@@ -249,12 +245,15 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=180)
     done_name = finished[0].info.run_name
-    r = _segnet("tune", "--resume", "s2", "--storage-path", str(tmp_path / "runs"), timeout=900)
+    logs = {"SEGNET_LOG_DIR": str(tmp_path / "logs")}
+    r = segnet_cli("tune", "--resume", "s2", "--storage-path", str(tmp_path / "runs"), env=logs, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    # the console holds the project's lines: no Ray or MLflow INFO or WARNING record (`-v` shows them),
-    # a progress bar within each epoch, then the epoch's line
+    # the console holds the project's lines: no Ray or MLflow INFO or WARNING record (`-v` shows them), MLflow's
+    # prints in the log file instead, a progress bar within each epoch, then the epoch's line
     console = r.stdout + r.stderr
     assert not re.search(r"\b(INFO|WARNING)\b", console), console[-3000:]
+    assert "Successfully registered model" not in console and "Downloading artifacts" not in console
+    assert "Successfully registered model" in "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
     assert re.search(r"epoch 1/1: +\d+%", console) and re.search(r"epoch 1/1  loss", console), console[-3000:]
     c = MlflowClient(tracking_uri=uri)
     runs = c.search_runs([c.get_experiment_by_name("segnet-camvid").experiment_id])

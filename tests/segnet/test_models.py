@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -183,13 +181,9 @@ def test_vgg16_file_that_pickles_code_is_refused(tmp_path):
         build_model("segnet", vgg16_weights=path)
 
 
-def test_segnet_models_json_cli():
-    out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "models", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def test_segnet_models_json_cli(segnet_cli):
+    out = segnet_cli("models", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert set(rows) == set(PAPER_PARAMS)
     for name, row in rows.items():
