@@ -248,8 +248,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     logs = {"SEGNET_LOG_DIR": str(tmp_path / "logs")}
     r = segnet_cli("tune", "--resume", "s2", "--storage-path", str(tmp_path / "runs"), env=logs, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    # the console holds the project's lines: no Ray or MLflow INFO or WARNING record (`-v` shows them), MLflow's
-    # prints in the log file instead, a progress bar within each epoch, then the epoch's line
+    # the console holds the project's lines: no Ray or MLflow INFO or WARNING record (`-v` shows them),
+    # MLflow's prints in the log file instead, a progress bar within each epoch, then the epoch's line
     console = r.stdout + r.stderr
     assert not re.search(r"\b(INFO|WARNING)\b", console), console[-3000:]
     assert "Successfully registered model" not in console and "Downloading artifacts" not in console
