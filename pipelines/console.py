@@ -74,3 +74,33 @@ def progress(total: int, desc: str, enabled: bool = True):
         yield bar.update
     finally:
         bar.close()
+
+
+def close_orphan_bars() -> None:
+    """Close the progress bars of this machine's processes that ended without closing them: a trial that
+    Tune's scheduler stops is killed mid-epoch, and Ray's tqdm_ray would draw its last bar, frozen, to the
+    end of the run. tqdm_ray has no call for this, so its manager's bar groups are read here (a Ray that
+    changes them makes this a no-op; tests/pipelines/test_console.py notices). Bars of processes on other
+    machines cannot be checked and stay."""
+    from ray.experimental import tqdm_ray
+
+    manager = tqdm_ray.instance()
+    try:
+        with manager.lock:
+            for (ip, pid), group in list(manager.bar_groups.items()):
+                if ip == manager.ip and group.bars_by_uuid and not _running(pid):
+                    for bar in list(group.bars_by_uuid.values()):
+                        group.close_bar(bar.state)
+            manager._update_offsets()
+    except AttributeError:
+        return
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

@@ -131,9 +131,11 @@ def model_id(version) -> str | None:
 
 
 def logged_metrics(c, version) -> dict:
-    """The test metrics logged on a version's LoggedModel."""
+    """The test metrics logged on a version's LoggedModel (MLflow links an epoch's metrics of its run to it
+    too, which are not this model's)."""
     mid = model_id(version)
-    return {m.key: m.value for m in c.get_logged_model(mid).metrics or []} if mid else {}
+    metrics = (c.get_logged_model(mid).metrics or []) if mid else []
+    return {m.key: m.value for m in metrics if m.key.startswith("test_")}
 
 
 def promote(c, name: str, version: str) -> tuple[bool, str]:

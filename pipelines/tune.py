@@ -70,9 +70,33 @@ def make_tuner(cfg: TuneConfig, name: str, param_space: dict, num_samples: int, 
         ),
         # Tune's status tables only with `segnet -v`: the trials' epoch lines and bars show progress.
         run_config=tune.RunConfig(
-            name=name, storage_path=cfg.train.storage_path, stop=stop, verbose=1 if console.verbose() else 0
+            name=name,
+            storage_path=cfg.train.storage_path,
+            stop=stop,
+            verbose=1 if console.verbose() else 0,
+            callbacks=[orphan_bars_callback()],
         ),
     )
+
+
+def orphan_bars_callback():
+    from ray import tune
+
+    class OrphanBarsCallback(tune.Callback):
+        """Every few seconds of the search, the bars of trials that Tune stopped mid-epoch are closed."""
+
+        def __init__(self):
+            self.last = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.last > 2:
+                self.last = time.monotonic()
+                console.close_orphan_bars()
+
+        def on_experiment_end(self, trials, **info):
+            console.close_orphan_bars()
+
+    return OrphanBarsCallback()
 
 
 def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:

@@ -61,6 +61,7 @@ def test_search_registers_the_best_trial_as_champion(search):
     shown = registry.show(cfg.train.mlflow_uri, "segnet-camvid@champion")
     assert shown["version"] == summary["registered"]["version"] and "champion" in shown["aliases"]
     assert shown["metrics"]["test_miou"] == pytest.approx(summary["test"]["miou"])
+    assert all(key.startswith("test_") for key in shown["metrics"]), shown["metrics"]  # not an epoch's
     assert shown["data_manifest_sha256"]
 
 
