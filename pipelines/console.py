@@ -28,6 +28,9 @@ def library_log() -> Path | None:
 def setup(is_verbose: bool = False) -> None:
     """On the driver: quiet libraries unless verbose; the setting travels to Ray workers by environment."""
     os.environ[VERBOSE] = "1" if is_verbose else "0"
+    # Ray holds back worker lines that differ only in numbers from another worker's and prints them later
+    # as "[repeated 2x across cluster]": that would swallow the epoch lines of trials running side by side.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if is_verbose:
         return
     quiet()
