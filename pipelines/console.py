@@ -11,7 +11,7 @@ from pathlib import Path
 
 VERBOSE = "SEGNET_VERBOSE"
 LOG_FILE = "SEGNET_LOG_FILE"  # where MLflow's lines go; set once per command, inherited by Ray workers
-LOG_DIR = Path(os.environ.get("SEGNET_LOG_DIR") or Path.home() / ".cache" / "segnet" / "logs")
+LOG_DIR = "SEGNET_LOG_DIR"  # the folder of those files, ~/.cache/segnet/logs unless set
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "mlflow", "alembic", "urllib3")
 
@@ -43,9 +43,9 @@ def quiet() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print shows once, not twice
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # a process that imports MLflow but not tracking
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault(
-        LOG_FILE, str(LOG_DIR / f"segnet-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
-    )
+    # each command its own file (not one a parent process left in the environment)
+    folder = Path(os.environ.get(LOG_DIR) or Path.home() / ".cache" / "segnet" / "logs")
+    os.environ[LOG_FILE] = str(folder / f"segnet-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))  # its file log, console errors
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
