@@ -90,11 +90,16 @@ def close_orphan_bars() -> None:
     manager = tqdm_ray.instance()
     try:
         with manager.lock:
-            for (ip, pid), group in list(manager.bar_groups.items()):
-                if ip == manager.ip and group.bars_by_uuid and not _running(pid):
-                    for bar in list(group.bars_by_uuid.values()):
-                        group.close_bar(bar.state)
-            manager._update_offsets()
+            orphans = [
+                (group, bar)
+                for (ip, pid), group in manager.bar_groups.items()
+                if ip == manager.ip and group.bars_by_uuid and not _running(pid)
+                for bar in list(group.bars_by_uuid.values())
+            ]
+            for group, bar in orphans:
+                group.close_bar(bar.state)
+            if orphans:
+                manager._update_offsets()
     except AttributeError:
         return
 

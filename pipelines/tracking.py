@@ -35,10 +35,11 @@ def _quiet_mlflow() -> None:
         return
     from mlflow.utils import logging_utils
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+
     class LogFile(logging_utils.MlflowLoggingStream):
         def write(self, text):
             if self.enabled:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a") as f:
                     f.write(text)
 
