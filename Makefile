@@ -6,7 +6,7 @@ PIP := $(BIN)/pip install -c constraints.txt
 CAMVID_DIR ?= ../shared/camvid
 export CAMVID_DIR
 
-.PHONY: install test test-fast lint run table1 camvid-compact gpu-check clean
+.PHONY: install test test-fast lint run table1 camvid-compact gpu-check gpu-table1 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,8 @@ install: $(BIN)/python
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[dev]'
 
+# One process: on 2 cores two (pytest-xdist, a file at a time) took as long, each test about twice as long
+# (Ray's own processes keep the cores busy), and races that need load appeared (2026-12-02).
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -39,7 +41,13 @@ camvid-compact: install
 # On a GPU machine (torch, numpy, pillow, pyarrow, scipy; no Ray, MLflow or albumentations needed):
 # step rows, input path, device BF, a short training; gpu-check/gpu-check.{json,md}. Under 8 minutes.
 gpu-check:
-	python3 -m pipelines.gpu_check --data .gpu/camvid --out gpu-check
+	python3 -m pipelines.bench.gpu_check --data .gpu/camvid --out gpu-check
+
+# On a GPU machine (as gpu-check): Table 1's 8 variants, the paper's recipe, median-frequency balancing, in at
+# most 7 minutes; rows in gpu-table1/rows/, the report in gpu-table1/report/. `--balancing none` (a second
+# call) adds the natural-frequency rows.
+gpu-table1:
+	python3 -m pipelines.bench.gpu_table1 --data .gpu/camvid --out gpu-table1
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

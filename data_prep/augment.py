@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from data_prep.camvid import VOID
 from data_prep.device_augment import MEAN, STD, AugmentConfig, normalize
 from data_prep.shards import ShardReader
 from segnet.errors import SegNetError
@@ -27,15 +26,15 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def train_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
-    """Random scale, crop to the training size (void padding), flip, photometric jitter.
+def train_transform(cfg: AugmentConfig, seed: int | None = None, *, void: int) -> A.Compose:
+    """Random scale, crop to the training size (padding `void`, K for K classes), flip, photometric jitter.
 
     Labels follow with nearest-neighbour interpolation, and padding is void, so no class is invented.
     Scaling is relative to the training size, so a reduced-resolution run sees the same field of view.
     """
     steps = [
         A.RandomScale(scale_limit=(cfg.scale_min - 1, cfg.scale_max - 1), p=1.0),
-        A.PadIfNeeded(cfg.height, cfg.width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=VOID),
+        A.PadIfNeeded(cfg.height, cfg.width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=void),
         A.RandomCrop(cfg.height, cfg.width),
         A.HorizontalFlip(p=cfg.hflip),
     ]
@@ -67,6 +66,7 @@ class ShardDataset(Dataset):
     """A split of the shards as a torch Dataset, augmented per sample.
 
     With `resize_label=False` only the image is transformed: evaluation scores full-resolution labels.
+    `manifest`: the shards' manifest, if the caller has read it already.
     """
 
     def __init__(
@@ -76,8 +76,9 @@ class ShardDataset(Dataset):
         transform: A.Compose | None = None,
         resize_label: bool = True,
         verify: bool = True,
+        manifest: dict | None = None,
     ):
-        self.reader = ShardReader(shard_dir, split, verify=verify)
+        self.reader = ShardReader(shard_dir, split, verify=verify, manifest=manifest)
         self.transform = transform
         self.resize_label = resize_label
 
@@ -133,8 +134,12 @@ def make_loader(
     )
 
 
-def eval_loader(shard_dir: str, split: str, size, batch_size: int, rank=0, world=1, workers=0) -> DataLoader:
-    """Every `world`-th sample from `rank` on, no padding: summed over ranks, each sample counts once."""
-    ds = ShardDataset(shard_dir, split, eval_transform(*size), resize_label=False, verify=False)
+def eval_loader(
+    shard_dir: str, split: str, size, batch_size: int, rank=0, world=1, workers=0, manifest=None
+) -> DataLoader:
+    """Every `world`-th sample from `rank` on, no padding: summed over ranks, each sample counts once.
+    `manifest`: the shards' manifest, if the caller has read it already."""
+    transform = eval_transform(*size)
+    ds = ShardDataset(shard_dir, split, transform, resize_label=False, verify=False, manifest=manifest)
     part = torch.utils.data.Subset(ds, range(rank, len(ds), world))
     return DataLoader(part, batch_size=batch_size, num_workers=workers)

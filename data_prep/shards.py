@@ -1,8 +1,9 @@
-"""CamVid -> Arrow IPC shards + manifest.json, written in parallel with Ray Data.
+"""A described dataset (CamVid by default) -> Arrow IPC shards + manifest.json, written in parallel with
+Ray Data.
 
 Format: Arrow IPC files, one record batch per sample, so a reader fetches any sample by index from a
 memory-mapped file without copying; uncompressed by default (lz4 or zstd on request), the fastest to read
-of what was measured (README: "Shard format").
+of what was measured (docs/benchmarks.md, "Shard format"; the choice: docs/data.md).
 """
 
 import datetime as dt
@@ -10,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,15 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from data_prep import storage
-from data_prep.camvid import SPLITS, VOID, Pair, find_pairs, load_pair
-from segnet import CLASSES
+from data_prep import datasets, storage
+from data_prep.camvid import SPLITS, Pair
+from data_prep.datasets import CAMVID, DatasetDescription
+from data_prep.preview import PREVIEW, write_preview
 from segnet.errors import SegNetError
 from segnet.losses import class_weights
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-NUM_BINS = VOID + 1  # 11 classes and void, void last
 SCHEMA = pa.schema(
     [
         ("name", pa.string()),
@@ -53,8 +55,8 @@ def sha256_file(path: str | Path) -> str:
 def source_fingerprint(pairs: dict[str, list[Pair]]) -> str:
     """Cheap identity of the source: every file's path, size and modification time."""
     h = hashlib.sha256()
-    for split in SPLITS:
-        for p in pairs[split]:
+    for split, split_pairs in pairs.items():
+        for p in split_pairs:
             for f in (p.image, p.label):
                 st = os.stat(f)
                 h.update(f"{split}|{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -66,14 +68,15 @@ def write_shard(task: dict) -> dict:
     (the message names the file) rather than an exception, so the driver can report it in one line.
     Written under a temporary name (beside the target, or in the temp directory for a bucket) and moved
     into place whole."""
-    class_counts = np.zeros(NUM_BINS, dtype=np.int64)
-    image_counts = np.zeros(NUM_BINS, dtype=np.int64)
+    dataset = dataset_of(task)
+    class_counts = np.zeros(dataset.num_classes + 1, dtype=np.int64)  # the classes and void, void last
+    image_counts = np.zeros(dataset.num_classes + 1, dtype=np.int64)
     batches = []
     try:
         for pair in task["pairs"]:
-            s = load_pair(Pair(**pair))
+            s = datasets.load_pair(dataset, Pair(**pair))
             h, w = s["label"].shape
-            bins = np.bincount(s["label"].reshape(-1), minlength=NUM_BINS)
+            bins = np.bincount(s["label"].reshape(-1), minlength=dataset.num_classes + 1)
             class_counts += bins
             image_counts += (bins > 0) * (h * w)
             batches.append(
@@ -120,23 +123,38 @@ def write_shard(task: dict) -> dict:
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
+    return read_manifest_and_id(shard_dir)[0]
+
+
+def manifest_id(shard_dir: str | Path) -> str:
+    """The data identity recorded with runs and models: the manifest file's sha256."""
+    return read_manifest_and_id(shard_dir)[1]
+
+
+def read_manifest_and_id(shard_dir: str | Path) -> tuple[dict, str]:
+    """The manifest and its identity (the file's sha256) from one read: a command reads it once and hands
+    it to the readers (`ShardReader`, `verify_shards`, the datasets and loaders built on them)."""
     path = storage.join(shard_dir, MANIFEST)
     if not storage.exists(path):
         raise SegNetError(f"{shard_dir} holds no {MANIFEST}: run `segnet prepare` first")
+    data = storage.read_bytes(path)
     try:
-        manifest = json.loads(storage.read_bytes(path))
+        manifest = json.loads(data)
     except json.JSONDecodeError as e:
         raise SegNetError(f"{path} is not valid JSON ({e})") from e
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise SegNetError(
             f"{path} has schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}"
         )
-    return manifest
+    return manifest, hashlib.sha256(data).hexdigest()
 
 
-def manifest_id(shard_dir: str | Path) -> str:
-    """The data identity recorded with runs and models: the manifest file's sha256."""
-    return hashlib.sha256(storage.read_bytes(storage.join(shard_dir, MANIFEST))).hexdigest()
+def dataset_of(manifest: dict, source: str = MANIFEST) -> DatasetDescription:
+    """The dataset a manifest (or a shard task, a checkpoint's or a registered model's meta.json) describes;
+    one from before descriptions is CamVid."""
+    if "dataset" not in manifest:
+        return CAMVID
+    return DatasetDescription.from_dict(manifest["dataset"], source=f"the `dataset` of {source}")
 
 
 def verify_shards(shard_dir: str | Path, manifest: dict, split: str | None = None) -> list[str]:
@@ -151,12 +169,14 @@ def verify_shards(shard_dir: str | Path, manifest: dict, split: str | None = Non
     return files
 
 
-def _valid_existing(out: Path, fingerprint: str, limit: int | None, compression: str) -> bool:
+def _valid_existing(
+    out: Path, fingerprint: str, limit: int | None, compression: str, dataset: DatasetDescription = CAMVID
+) -> bool:
     try:
         manifest = read_manifest(out)
         if manifest.get("source_fingerprint") != fingerprint or manifest.get("limit") != limit:
             return False
-        if manifest.get("compression") != compression:
+        if manifest.get("compression") != compression or dataset_of(manifest) != dataset:
             return False
         verify_shards(out, manifest)
     except SegNetError:
@@ -189,11 +209,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # whose start Ray core reports with an error line) has nothing to watch.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only.
+        # The cleaner (an actor) is told where, or it looks for the one Ray on this machine and fails with a
+        # traceback on the console when there are several.
+        port = free_port()
+        api = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
         context = ray.init(
-            num_cpus=num_cpus, dashboard_host="127.0.0.1", _system_config=STARTUP_CONFIG, **options
+            address="local",  # a Ray of its own, not the `ray start` cluster Ray would find on this machine
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env=api,
+            _system_config=STARTUP_CONFIG,
+            **options,
         )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prepare(
@@ -206,18 +242,20 @@ def prepare(
     address: str | None = None,
     compression: str = "none",
     log=print,
+    dataset: DatasetDescription | str | None = None,
 ) -> dict:
-    """Build shards and manifest for every split; a no-op when the source is unchanged."""
-    import ray
-
+    """Build shards and manifest for every split of `dataset` (a description or its YAML file; None:
+    CamVid); a no-op when the source is unchanged. A described dataset also gets its preview.png."""
     if compression not in COMPRESSIONS:
         raise SegNetError(f"unknown compression {compression!r}; choose one of: {', '.join(COMPRESSIONS)}")
     if shard_size < 1:
         raise SegNetError(f"--shard-size must be at least 1, got {shard_size}")
     source, out = Path(source).resolve(), storage.absolute(out)
-    pairs = find_pairs(source, limit)
+    described = dataset is not None
+    dataset = datasets.read_description(dataset) if isinstance(dataset, str) else dataset or CAMVID
+    pairs = datasets.find_pairs(dataset, source, limit)
     fingerprint = source_fingerprint(pairs)
-    if not force and _valid_existing(out, fingerprint, limit, compression):
+    if not force and _valid_existing(out, fingerprint, limit, compression, dataset):
         log(f"{out}/{MANIFEST} is up to date with {source}: nothing to do (use --force to rebuild)")
         return read_manifest(out)
     if storage.exists(storage.join(out, MANIFEST)):  # from here on, no manifest until every shard is good
@@ -225,8 +263,28 @@ def prepare(
     if not storage.is_uri(out):
         Path(out).mkdir(parents=True, exist_ok=True)
 
+    tasks = shard_tasks(pairs, out, shard_size, compression, dataset)
+    init_ray(address, workers)
+    results = write_all_shards(tasks, out, workers, log)
+    manifest = build_manifest(source, fingerprint, limit, compression, results, dataset)
+    storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    keep = {MANIFEST} | {r["file"] for r in results}
+    for stale in storage.list_names(out):  # shards of an earlier build, leftovers of interrupted ones
+        if stale not in keep and (stale.endswith(".arrow") or ".tmp-" in stale or stale == PREVIEW):
+            storage.delete(storage.join(out, stale))
+    counts = ", ".join(f"{s} {split['num_images']}" for s, split in manifest["splits"].items())
+    log(f"wrote {len(results)} shards and {out}/{MANIFEST}: {counts}")
+    if described:  # a dataset of one's own: a look at its masks and classes before training
+        log(f"wrote {write_preview(out, dataset, pairs, manifest)}: overlaid samples and class shares")
+    return manifest
+
+
+def shard_tasks(
+    pairs: dict[str, list[Pair]], out: str, shard_size: int, compression: str, dataset: DatasetDescription
+) -> list[dict]:
+    """One `write_shard` task per `shard_size` pairs of a split, named `SPLIT-INDEX-of-COUNT.arrow`."""
     tasks = []
-    for split in SPLITS:
+    for split in pairs:
         chunks = [pairs[split][i : i + shard_size] for i in range(0, len(pairs[split]), shard_size)]
         for i, chunk in enumerate(chunks):
             tasks.append(
@@ -236,10 +294,18 @@ def prepare(
                     "file": f"{split}-{i:05d}-of-{len(chunks):05d}.arrow",
                     "out": out,
                     "compression": compression,
+                    "dataset": dataset.to_dict(),
                     "pairs": [vars(p) for p in chunk],
                 }
             )
-    init_ray(address, workers)
+    return tasks
+
+
+def write_all_shards(tasks: list[dict], out: str, workers: int | None, log) -> list[dict]:
+    """Every task's shard, written by Ray Data tasks in parallel; on any failure the shards written by
+    this run are deleted (no partial output, and a full disk is freed) and the first error is raised."""
+    import ray
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     results = []
@@ -251,28 +317,24 @@ def prepare(
         raise SegNetError(f"interrupted: {done} shards written, so no manifest; run prepare again")
     errors = sorted(r["error"] for r in results if r["error"])
     if errors:
-        for r in results:  # no partial output: the shards this run wrote go too (and free a full disk)
+        for r in results:
             if not r["error"]:
                 storage.delete(storage.join(out, r["file"]))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise SegNetError(errors[0] + more)
-
-    manifest = build_manifest(source, fingerprint, limit, compression, results)
-    storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
-    keep = {MANIFEST} | {r["file"] for r in results}
-    for stale in storage.list_names(out):  # shards of an earlier build, leftovers of interrupted ones
-        if stale not in keep and (stale.endswith(".arrow") or ".tmp-" in stale):
-            storage.delete(storage.join(out, stale))
-    counts = ", ".join(f"{s} {manifest['splits'][s]['num_images']}" for s in SPLITS)
-    log(f"wrote {len(results)} shards and {out}/{MANIFEST}: {counts}")
-    return manifest
+    return results
 
 
 def build_manifest(
-    source: Path, fingerprint: str, limit: int | None, compression: str, results: list[dict]
+    source: Path,
+    fingerprint: str,
+    limit: int | None,
+    compression: str,
+    results: list[dict],
+    dataset: DatasetDescription = CAMVID,
 ) -> dict:
     splits = {}
-    for split in SPLITS:
+    for split in [s for s in SPLITS if any(r["split"] == s for r in results)]:  # test is optional
         rows = sorted((r for r in results if r["split"] == split), key=lambda r: r["index"])
         splits[split] = {
             "num_images": sum(r["rows"] for r in rows),
@@ -281,7 +343,7 @@ def build_manifest(
             "image_pixel_counts": np.sum([r["image_pixel_counts"] for r in rows], axis=0).tolist(),
         }
     train = splits["train"]
-    k = len(CLASSES)
+    k = dataset.num_classes
     weights = {
         mode: class_weights(train["class_pixel_counts"][:k], train["image_pixel_counts"][:k], mode).tolist()
         for mode in ("median_frequency", "inverse_frequency")
@@ -294,8 +356,9 @@ def build_manifest(
         "source": str(source),
         "source_fingerprint": fingerprint,
         "limit": limit,
-        "classes": list(CLASSES),
-        "void": VOID,
+        "classes": list(dataset.classes),
+        "void": dataset.void_index,
+        "dataset": dataset.to_dict(),
         "splits": splits,
         "class_weights": weights,
     }
@@ -305,20 +368,32 @@ class ShardReader:
     """Random access to one split's samples, by index, from memory-mapped shards (checksums verified).
 
     `verify=False` reads local shards unchecked (the driver checked them on this machine); shards in a
-    bucket always come through the node-local cache of verified copies."""
+    bucket always come through the node-local cache of verified copies. `manifest`: the shards' manifest,
+    if the caller has read it already."""
 
-    def __init__(self, shard_dir: str | Path, split: str, verify: bool = True):
-        self.manifest = read_manifest(shard_dir)
+    def __init__(self, shard_dir: str | Path, split: str, verify: bool = True, manifest: dict | None = None):
+        self.manifest = manifest or read_manifest(shard_dir)
         if split not in self.manifest["splits"]:
             raise SegNetError(f"{shard_dir}/{MANIFEST} has no split {split!r}")
-        if verify or storage.is_uri(shard_dir):
+        shards = self.manifest["splits"][split]["shards"]
+        self.remote = storage.is_uri(shard_dir)
+        self.locations = [(storage.join(shard_dir, s["file"]), s["sha256"]) for s in shards]
+        if verify or self.remote:
             self.files = verify_shards(shard_dir, self.manifest, split)
         else:
-            self.files = [str(Path(shard_dir) / s["file"]) for s in self.manifest["splits"][split]["shards"]]
-        self.index = [
-            (f, i) for f, s in enumerate(self.manifest["splits"][split]["shards"]) for i in range(s["rows"])
-        ]
+            self.files = [str(Path(shard_dir) / s["file"]) for s in shards]
+        self.index = [(f, i) for f, s in enumerate(shards) for i in range(s["rows"])]
         self._readers: dict[int, ipc.RecordBatchFileReader] = {}
+        self._held: dict = {}  # the node-cache copies this reader maps, locked against eviction
+
+    def _open(self, f: int) -> ipc.RecordBatchFileReader:
+        if self.remote:
+            try:
+                self._held[f] = storage.hold_shard(self.files[f])
+            except FileNotFoundError:  # evicted from the node cache since it was checked: fetched again
+                self.files[f] = storage.verified_shard(*self.locations[f])
+                self._held[f] = storage.hold_shard(self.files[f])
+        return ipc.open_file(pa.memory_map(self.files[f]))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -326,7 +401,7 @@ class ShardReader:
     def __getitem__(self, i: int) -> dict:
         f, row = self.index[i]
         if f not in self._readers:  # opened lazily, so each DataLoader worker maps its own files
-            self._readers[f] = ipc.open_file(pa.memory_map(self.files[f]))
+            self._readers[f] = self._open(f)
         b = self._readers[f].get_batch(row)
         h, w = b.column("height")[0].as_py(), b.column("width")[0].as_py()
         return {
@@ -336,22 +411,22 @@ class ShardReader:
         }
 
     def __getstate__(self):  # memory maps do not pickle; workers reopen them
-        return {**self.__dict__, "_readers": {}}
+        return {**self.__dict__, "_readers": {}, "_held": {}}
 
 
-def iter_samples(shard_dir: str | Path, split: str) -> Iterator[dict]:
+def iter_samples(shard_dir: str | Path, split: str, manifest: dict | None = None) -> Iterator[dict]:
     """Every sample of a split in manifest order: `image` (uint8 HxWx3), `label` (uint8 HxW), `name`."""
-    reader = ShardReader(shard_dir, split)
+    reader = ShardReader(shard_dir, split, manifest=manifest)
     for i in range(len(reader)):
         yield reader[i]
 
 
-def ray_dataset(shard_dir: str | Path, split: str):
+def ray_dataset(shard_dir: str | Path, split: str, manifest: dict | None = None):
     """A Ray Data dataset of a split's rows, for training with `iter_torch_batches`; checksums verified."""
     import ray
 
     tables = []
-    for file in verify_shards(shard_dir, read_manifest(shard_dir), split):
+    for file in verify_shards(shard_dir, manifest or read_manifest(shard_dir), split):
         with pa.memory_map(file) as src:
             tables.append(ipc.open_file(src).read_all())
     return ray.data.from_arrow(tables)

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -23,9 +24,15 @@ import pyarrow.fs as pafs
 from segnet.errors import SegNetError
 
 CACHE = Path(tempfile.gettempdir()) / "segnet-cache"  # node-local: each node's own temp directory
+CACHE_BYTES = "SEGNET_CACHE_BYTES"  # the environment variable bounding it
 DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "HTTP status 403")
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no room: a full disk, a file size limit, a quota
 SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}  # pyarrow filesystem type -> URI scheme
+# S3: each request tried up to S3_ATTEMPTS times (AWS's standard retry mode: throttling, 5xx, resets, with
+# jittered backoff), so a store that stays down is named after about 10 s; a request that hangs is cut at
+# S3_TIMEOUT_S. boto3 (MLflow's artifacts) has the same from AWS_RETRY_MODE=standard, AWS_MAX_ATTEMPTS.
+S3_ATTEMPTS = 5
+S3_TIMEOUT_S = 60.0
 
 
 def is_uri(location: str | Path) -> bool:
@@ -56,6 +63,8 @@ def failed(location: str, e: Exception) -> SegNetError:
     elif "NETWORK_CONNECTION" in text or "curlCode" in text:
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "unset")
         reason = f"the endpoint is unreachable (AWS_ENDPOINT_URL={endpoint})"
+    elif "HTTP status 503" in text or "SlowDown" in text:
+        reason = f"the store is unavailable (HTTP 503, SlowDown) after {S3_ATTEMPTS} attempts: {text[:200]}"
     elif any(k in text for k in DENIED):
         reason = "access denied: check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
     elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
@@ -70,9 +79,29 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).resolve())
     try:
-        return pafs.FileSystem.from_uri(str(location))
+        fs, path = pafs.FileSystem.from_uri(str(location))
     except (OSError, pa.ArrowInvalid) as e:
         raise failed(str(location), e) from e
+    if isinstance(fs, pafs.S3FileSystem) and not isinstance(fs, RetryingS3FileSystem):
+        fs = retrying_s3(fs.__reduce__()[1][0])  # the options from_uri read (endpoint, region, query)
+    return fs, path
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with the retries above. pyarrow's own pickle drops the retry strategy, so this
+    one pickles as a call that builds it again: Ray's workers upload checkpoints through it."""
+
+    def __init__(self, options: dict):
+        super().__init__(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+        self.options = options
+
+    def __reduce__(self):
+        return retrying_s3, (self.options,)
+
+
+def retrying_s3(options: dict) -> RetryingS3FileSystem:
+    timeouts = {k: S3_TIMEOUT_S for k in ("connect_timeout", "request_timeout") if options.get(k, -1) < 0}
+    return RetryingS3FileSystem({**options, **timeouts})
 
 
 def info(location: str | Path) -> pafs.FileInfo:
@@ -169,13 +198,16 @@ def copy_folder(source: str | Path, dest: str | Path) -> None:
         raise failed(f"{source} -> {dest}", e) from e
 
 
-def verified_shard(location: str, sha256: str, cache: Path | None = None) -> str:
+def verified_shard(
+    location: str, sha256: str, cache: Path | None = None, cache_bytes: int | None = None
+) -> str:
     """A local file holding the shard at `location`, checked against the manifest's sha256 once per node.
 
     Local shards are read where they are (a marker in the cache remembers the check); remote ones are
     copied once into the node-local cache and memory-mapped from there. The cache key holds the source's
     size and modification time and the manifest's sha256, so a shard that changes (or a new manifest) is
-    checked again, and refused if it no longer matches. `cache`: another folder than the node's (benches)."""
+    checked again, and refused if it no longer matches. `cache`: another folder than the node's (benches).
+    The copies are bounded (`cache_bound`): the least recently used ones that no reader holds make room."""
     cache = cache or CACHE
     found = info(location)
     if found.type != pafs.FileType.File:
@@ -186,8 +218,13 @@ def verified_shard(location: str, sha256: str, cache: Path | None = None) -> str
     done = cache / (f"{key}.ok" if local else f"{key}.arrow")
     result = path if local else str(done)
     if done.exists():
+        if not local:
+            # a use, for the least-recently-used order (access time); the modification time stays the fetch's
+            os.utime(done, ns=(time.time_ns(), done.stat().st_mtime_ns))
         return result
     cache.mkdir(parents=True, exist_ok=True)
+    if not local:
+        make_room(cache, found.size, cache_bound(cache, cache_bytes))
     with open(cache / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one reader per node checks a shard; the others wait for it
         if done.exists():
@@ -208,3 +245,65 @@ def verified_shard(location: str, sha256: str, cache: Path | None = None) -> str
             raise SegNetError(f"shard {location} does not match its checksum in the manifest: refusing it")
         os.replace(tmp, done)
     return result
+
+
+def cache_use(cache: Path) -> int:
+    """Bytes of shard copies in a node cache."""
+    return sum(f.stat().st_size for f in cache.glob("*.arrow") if f.exists())
+
+
+def cache_bound(cache: Path, cache_bytes: int | None = None) -> int:
+    """The node cache's bound in bytes: `cache_bytes`, else SEGNET_CACHE_BYTES, else half of what its disk
+    has free plus what the cache already holds (so the bound does not shrink as the cache fills)."""
+    if cache_bytes is None and os.environ.get(CACHE_BYTES):
+        try:
+            cache_bytes = int(float(os.environ[CACHE_BYTES]))
+        except ValueError:
+            raise SegNetError(f"{CACHE_BYTES}={os.environ[CACHE_BYTES]!r} is not a number of bytes") from None
+    if cache_bytes is not None:
+        return cache_bytes
+    disk = os.statvfs(cache)
+    return (disk.f_bavail * disk.f_frsize + cache_use(cache)) // 2
+
+
+def hold_shard(path: str | Path):
+    """Open a cached shard for reading, with a shared lock that keeps it from eviction until closed.
+    FileNotFoundError when it was evicted (the caller fetches it again)."""
+    f = open(path, "rb")
+    fcntl.flock(f, fcntl.LOCK_SH)
+    try:
+        if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:  # evicted between open and lock
+            raise FileNotFoundError(path)
+    except FileNotFoundError:
+        f.close()
+        raise
+    return f
+
+
+def make_room(cache: Path, need: int, bound: int) -> list[Path]:
+    """Evict cached shards, least recently used (by access time) first, until `need` more bytes fit in
+    `bound`; a shard a reader holds (`hold_shard`) is never evicted, so the cache exceeds its bound rather
+    than fail a reader. Returns the evicted files."""
+    evicted = []
+    with open(cache / ".evict.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one eviction at a time on a node
+        files = []
+        for f in cache.glob("*.arrow"):
+            try:
+                st = f.stat()
+                files.append((st.st_atime_ns, st.st_size, f))
+            except FileNotFoundError:
+                continue
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total + need <= bound:
+                break
+            try:
+                with open(f, "rb") as candidate:
+                    fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    f.unlink()
+            except (BlockingIOError, FileNotFoundError):  # held by a reader, or gone already
+                continue
+            total -= size
+            evicted.append(f)
+    return evicted

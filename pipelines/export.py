@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from data_prep.augment import MEAN, STD
-from pipelines import checkpoint as ckpt_io
-from pipelines import registry
-from segnet import CLASSES
+from data_prep.shards import dataset_of
+from pipelines.core import checkpoint as ckpt_io
+from pipelines.tracking import registry
 from segnet.errors import SegNetError
 from segnet.layers import fold_batch_norm
 
@@ -55,18 +55,50 @@ def median_ms(fn, x: np.ndarray) -> float:
 
 def export_onnx(uri: str, ref: str, out: str | Path | None, source: str | Path, images: int = 8) -> dict:
     """Export, then compare logits and labels with PyTorch's on `images` CamVid test images."""
-    import onnx
-    import onnxruntime as ort
-
     shown = registry.show(uri, ref)
     out = Path(out or f"{shown['name']}-v{shown['version']}.onnx")
     with tempfile.TemporaryDirectory() as tmp:
         model, meta = ckpt_io.load(registry.download_weights(uri, f"{shown['name']}/{shown['version']}", tmp))
     model = fold_batch_norm(model)
+    dataset = dataset_of(meta, f"models:/{shown['name']}/{shown['version']}")
     size = tuple(meta["image_size"])
     x = camvid_batch(source, images, size)
+    info = {
+        "model": f"models:/{shown['name']}/{shown['version']}",
+        "mean": MEAN,
+        "std": STD,
+        "image_size": size,
+        "dataset": dataset.name,
+        "classes": list(dataset.classes),
+        "colors": [list(c) for c in dataset.colors],
+        "test_metrics": shown["metrics"],
+    }
+    write_onnx(model, x[:1], out, info)
+    compared = compare_with_torch(model, out, x)
+    within, agreement = compared["logits_within_1e-3"], compared["argmax_agreement"]
+    if within < MIN_WITHIN or agreement < MIN_AGREEMENT:
+        raise SegNetError(
+            f"{out} disagrees with PyTorch on {len(x)} CamVid test images: {within:.4%} of logits within "
+            f"{LOGIT_TOLERANCE} (limit {MIN_WITHIN:.0%}), labels agree on {agreement:.4%} "
+            f"(limit {MIN_AGREEMENT:.1%})"
+        )
+    return {
+        "onnx": str(out),
+        "model": info["model"],
+        "images": len(x),
+        "image_size": f"{size[0]}x{size[1]}",
+        **compared,
+        "onnx_mb": round(out.stat().st_size / 2**20, 1),
+    }
+
+
+def write_onnx(model: torch.nn.Module, image: np.ndarray, out: Path, info: dict) -> None:
+    """The model as ONNX at `out`, with a dynamic batch dimension and `info` (JSON values) in its metadata;
+    `image` is one normalised example image."""
+    import onnx
+
     batch = torch.export.Dim("batch", min=1, max=1024)
-    example = torch.from_numpy(np.concatenate([x[:1], x[:1]]))  # an example batch of 1 would fix it at 1
+    example = torch.from_numpy(np.concatenate([image, image]))  # an example batch of 1 would fix it at 1
     with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines; stdout is the report
         torch.onnx.export(
             model,
@@ -79,43 +111,25 @@ def export_onnx(uri: str, ref: str, out: str | Path | None, source: str | Path, 
             dynamic_shapes=({0: batch},),
         )
     proto = onnx.load(str(out))
-    info = {
-        "model": f"models:/{shown['name']}/{shown['version']}",
-        "mean": MEAN,
-        "std": STD,
-        "image_size": size,
-        "classes": CLASSES,
-        "test_metrics": shown["metrics"],
-    }
     for key, value in info.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(proto, str(out))
 
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+def compare_with_torch(model: torch.nn.Module, onnx_file: Path, x: np.ndarray) -> dict:
+    """onnxruntime's logits and labels against PyTorch's on the batch `x`, and each one's ms per image."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ours = model(torch.from_numpy(x)).numpy()
+        torch_ms = median_ms(lambda b: model(torch.from_numpy(b)), x)
     theirs = session.run(None, {"image": x})[0]
     diff = np.abs(ours - theirs)
-    within = float((diff <= LOGIT_TOLERANCE).mean())
-    agreement = float((ours.argmax(1) == theirs.argmax(1)).mean())
-    with torch.no_grad():
-        torch_ms = median_ms(lambda b: model(torch.from_numpy(b)), x)
-    report = {
-        "onnx": str(out),
-        "model": info["model"],
-        "images": len(x),
-        "image_size": f"{size[0]}x{size[1]}",
+    return {
         "max_abs_logit_diff": float(diff.max()),
-        "logits_within_1e-3": within,
-        "argmax_agreement": agreement,
+        "logits_within_1e-3": float((diff <= LOGIT_TOLERANCE).mean()),
+        "argmax_agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()),
         "torch_ms_per_image": round(torch_ms, 1),
         "onnxruntime_ms_per_image": round(median_ms(lambda b: session.run(None, {"image": b}), x), 1),
-        "onnx_mb": round(out.stat().st_size / 2**20, 1),
     }
-    if within < MIN_WITHIN or agreement < MIN_AGREEMENT:
-        raise SegNetError(
-            f"{out} disagrees with PyTorch on {len(x)} CamVid test images: {within:.4%} of logits within "
-            f"{LOGIT_TOLERANCE} (limit {MIN_WITHIN:.0%}), labels agree on {agreement:.4%} "
-            f"(limit {MIN_AGREEMENT:.1%})"
-        )
-    return report

@@ -3,34 +3,47 @@
 Every variant has the SegNet-Basic encoder: 4 blocks of a 7x7 conv with 64 channels, batch norm, ReLU and
 2x2 max pooling. They differ only in how the decoder gets back to full resolution, which is the paper's
 point: what the decoder keeps from the encoder (the storage multiplier) against what it achieves.
+
+`dropout=P` makes each of them Bayesian SegNet-Basic (Kendall, Badrinarayanan, Cipolla, BMVC 2017), in the
+placement its Table 1 calls "Central Enc-Dec": dropout after the deepest half of the encoders and decoders.
+With 4 of each, that is on the pooled outputs of encoders 3 and 4 and on the outputs of decoders 4 and 3 (the
+first two on the way up), where the authors' bayesian_segnet_basic_train.prototxt (SegNet-Tutorial) has
+`encdrop3`, `encdrop4`, `decdrop4` and `decdrop3`. Dropout has no parameters: the state dict is the same
+with and without it.
 """
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnet.classes import NUM_CLASSES
-from segnet.layers import check_input_size, conv_bn, he_init, pool, unpool
+from segnet.layers import check_input_size, conv_bn, dropout_layer, he_init, pool, unpool
 
 WIDTH = 64
 KERNEL = 7
 DEPTH = 4
+CENTRAL = range(DEPTH // 2, DEPTH)  # Bayesian SegNet-Central: encoders 3 and 4 (0-based 2, 3), decoders 4, 3
 
 
 class BasicEncoder(nn.Module):
-    """Returns the pooled output and, per block, its pre-pool features, pooling indices and size."""
+    """Returns the pooled output and, per block, its pre-pool features, pooling indices and size; the
+    central blocks' pooled outputs go through dropout (when `dropout` > 0)."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, dropout: float = 0.0):
         super().__init__()
         chans = [in_channels] + [WIDTH] * DEPTH
         self.blocks = nn.ModuleList(conv_bn(chans[i], chans[i + 1], KERNEL) for i in range(DEPTH))
+        self.dropout = dropout_layer(dropout)
 
     def forward(self, x: torch.Tensor):
         check_input_size(x.shape[-2], x.shape[-1], DEPTH)
         features, pooled = [], []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             f = block(x)
             x, idx, size = pool(f)
+            if i in CENTRAL:
+                x = self.dropout(x)
             features.append((f, idx, size))
             pooled.append(x)
         return x, features, pooled
@@ -44,17 +57,20 @@ class SegNetBasic(nn.Module):
     `single_channel` makes each decoder filter see one channel (depthwise, SegNet-Basic-SingleChannelDecoder).
     """
 
-    num_pools = DEPTH
+    num_pools: ClassVar[int] = DEPTH  # segnet.models.SegmentationModel: the contract of every model
+    storage_multiplier: int
 
     def __init__(
         self,
-        num_classes: int = NUM_CLASSES,
+        num_classes: int,
         in_channels: int = 3,
         encoder_addition: bool = False,
         single_channel: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
-        self.encoder = BasicEncoder(in_channels)
+        self.encoder = BasicEncoder(in_channels, dropout)
+        self.dropout = dropout_layer(dropout)
         groups = WIDTH if single_channel else 1
         self.decoders = nn.ModuleList(
             conv_bn(WIDTH, WIDTH, KERNEL, relu=False, groups=groups) for _ in range(DEPTH)
@@ -66,11 +82,13 @@ class SegNetBasic(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, features, _ = self.encoder(x)
-        for dec, (f, idx, size) in zip(self.decoders, reversed(features)):
+        for j, (dec, (f, idx, size)) in enumerate(zip(self.decoders, reversed(features))):
             x = unpool(x, idx, size)
             if self.encoder_addition:
                 x = x + f
             x = dec(x)
+            if DEPTH - 1 - j in CENTRAL:  # decoders 4 and 3
+                x = self.dropout(x)
         return self.classifier(x)
 
 
@@ -85,17 +103,20 @@ class FCNBasic(nn.Module):
     1.623M (without dim reduction) parameters for 11 classes, against Table 1's 0.65M and 1.625M.
     """
 
-    num_pools = DEPTH
+    num_pools: ClassVar[int] = DEPTH  # segnet.models.SegmentationModel
+    storage_multiplier: int
 
     def __init__(
         self,
-        num_classes: int = NUM_CLASSES,
+        num_classes: int,
         in_channels: int = 3,
         addition: bool = True,
         dim_reduction: bool = True,
+        dropout: float = 0.0,
     ):
         super().__init__()
-        self.encoder = BasicEncoder(in_channels)
+        self.encoder = BasicEncoder(in_channels, dropout)
+        self.dropout = dropout_layer(dropout)
         width = num_classes if dim_reduction else WIDTH
         self.addition = addition
         # One projection for the bottleneck, and one per skip when the skips are added.
@@ -124,6 +145,8 @@ class FCNBasic(nn.Module):
             x = up(dec(x), output_size=size)
             if self.addition and i < DEPTH - 1:
                 x = x + self._project(i + 1, skips[i])
+            if DEPTH - 1 - i in CENTRAL:  # the stages back to 1/8 and 1/4: decoders 4 and 3
+                x = self.dropout(x)
         return x
 
 
@@ -134,12 +157,12 @@ class BilinearInterpolation(nn.Module):
     parameters for 11 classes (Table 1 rounds to 0.625M).
     """
 
-    num_pools = DEPTH
-    storage_multiplier = 0
+    num_pools: ClassVar[int] = DEPTH  # segnet.models.SegmentationModel
+    storage_multiplier: int = 0
 
-    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3):
+    def __init__(self, num_classes: int, in_channels: int = 3, dropout: float = 0.0):
         super().__init__()
-        self.encoder = BasicEncoder(in_channels)
+        self.encoder = BasicEncoder(in_channels, dropout)  # no learned decoder: the encoders' dropout only
         self.classifier = nn.Conv2d(WIDTH, num_classes, 1)
         he_init(self)
 

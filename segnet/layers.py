@@ -20,6 +20,14 @@ def conv_bn(in_ch: int, out_ch: int, kernel: int, relu: bool = True, groups: int
     return nn.Sequential(*layers)
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """Bayesian SegNet's dropout: elementwise, as Caffe's Dropout layer in the authors' models; nothing at 0.
+    No parameters, so a model's state dict is the same whatever p is."""
+    if not 0 <= p < 1:
+        raise SegNetError(f"dropout {p}: expected 0 (off) up to but not including 1")
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 WINDOW = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 2x2 window's cells in row-major order: position 0..3
 
 

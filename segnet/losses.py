@@ -4,7 +4,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from segnet.classes import VOID
 from segnet.errors import SegNetError
 
 WEIGHTING_MODES = ("none", "median_frequency", "inverse_frequency")
@@ -44,7 +43,8 @@ def class_weights(pixel_counts, image_pixel_counts=None, mode: str = "median_fre
     return weights
 
 
-def segmentation_loss(weights=None, ignore_index: int = VOID) -> nn.CrossEntropyLoss:
-    """Cross entropy over pixels that ignores void and weights each class."""
+def segmentation_loss(weights=None, *, ignore_index: int) -> nn.CrossEntropyLoss:
+    """Cross entropy over pixels that ignores void (`ignore_index`: K for K classes, as shards store it)
+    and weights each class."""
     w = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
     return nn.CrossEntropyLoss(weight=w, ignore_index=ignore_index)

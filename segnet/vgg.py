@@ -1,18 +1,18 @@
 """SegNet: the VGG16 encoder (13 convs) and its mirror-image decoder (13 convs), paper Fig. 2 and Sec. 3."""
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from segnet.classes import NUM_CLASSES
 from segnet.errors import SegNetError
-from segnet.layers import check_input_size, conv_bn, he_init, pool, recomputed, unpool
+from segnet.layers import check_input_size, conv_bn, dropout_layer, he_init, pool, recomputed, unpool
 from segnet.weights import load_tensors
 
 # VGG16's convolution widths per block (configuration D of Simonyan & Zisserman).
 VGG16_BLOCKS = [(64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)]
-DROPOUT_BLOCKS = (2, 3, 4)  # Bayesian SegNet's "centre" placement: after the three deepest blocks.
+DROPOUT_BLOCKS = (2, 3, 4)  # Bayesian SegNet-Central: after encoders 3, 4, 5 and decoders 5, 4, 3 (0-based)
 
 
 def encoder_block(in_ch: int, widths: tuple[int, ...]) -> nn.Sequential:
@@ -37,14 +37,17 @@ class SegNet(nn.Module):
     gives the 29.46M parameters of Table 6 for 11 classes. With `recompute=N`, the encoder and decoder
     blocks of the N largest resolutions keep only their inputs for backward and run forward again there:
     at 360x480, N=1 saves a fifth of a training step's memory for 4% more FLOPs, N=2 a third for 10%.
+
+    `dropout=P` makes it Bayesian SegNet (Kendall, Badrinarayanan, Cipolla, BMVC 2017) in its "Central
+    Enc-Dec" placement, the deepest half of the network: dropout on the pooled outputs of encoders 3, 4 and 5
+    and on the outputs of decoders 5, 4 and 3 (the first three on the way up), where the authors'
+    bayesian_segnet_train.prototxt (SegNet-Tutorial) has `encdrop3-5` and `decdrop5-3`.
     """
 
-    storage_multiplier = 1  # pooling indices only
-    num_pools = 5
+    num_pools: ClassVar[int] = 5  # segnet.models.SegmentationModel: the contract of every model
+    storage_multiplier: int = 1  # pooling indices only
 
-    def __init__(
-        self, num_classes: int = NUM_CLASSES, in_channels: int = 3, dropout: float = 0.0, recompute: int = 0
-    ):
+    def __init__(self, num_classes: int, in_channels: int = 3, dropout: float = 0.0, recompute: int = 0):
         super().__init__()
         if not 0 <= recompute <= len(VGG16_BLOCKS):
             raise SegNetError(
@@ -62,7 +65,7 @@ class SegNet(nn.Module):
             self.decoders.append(decoder_block(VGG16_BLOCKS[i], out_ch))
         # The final decoder conv is the classifier: no batch norm, no ReLU.
         self.decoders[-1][-1] = nn.Conv2d(VGG16_BLOCKS[0][0], num_classes, 3, padding=1)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout_layer(dropout)
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,19 @@
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+import warnings
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import RAY_TEST_ENV, ROOT, free_port, segnet
 
 
 @pytest.fixture(scope="session")
@@ -26,30 +25,31 @@ def camvid_dir() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def segnet_cli(tmp_path_factory):
-    """`segnet_cli(*ARGS, cwd=, env=, timeout=)` runs `segnet ARGS` as a user does: a new process with its
-    own console (and its own local Ray unless `env` names RAY_ADDRESS); `env` adds to this environment.
-    Library log files go to a folder of the session, not the user's ~/.cache/segnet/logs."""
+    """`segnet_cli(*ARGS, cwd=, env=, timeout=)`: helpers.segnet (`segnet ARGS` in a new process, as a user
+    runs it), with the library log files in a folder of the session, not the user's ~/.cache/segnet/logs."""
     logs = {"SEGNET_LOG_DIR": str(tmp_path_factory.mktemp("segnet-logs"))}
 
-    def run(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            env={**os.environ, **logs, **(env or {})},
-            timeout=timeout,
-        )
+    def run(*args, env=None, **kw) -> subprocess.CompletedProcess:
+        return segnet(*args, env={**logs, **(env or {})}, **kw)
 
     return run
+
+
+@contextmanager
+def _environment(**values):
+    """These variables set in this process's environment for the block, then put back as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -63,29 +63,112 @@ def s3():
         [script, "start"], env=env, check=True, capture_output=True, text=True, timeout=60
     )
     exports = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
-    saved = {k: os.environ.get(k) for k in exports}
-    os.environ.update(exports)
     try:
-        yield {"bucket": f"s3://{exports['BUCKET']}", "env": exports, "state": state}
+        with _environment(**exports):
+            yield {"bucket": f"s3://{exports['BUCKET']}", "env": exports, "state": state}
     finally:
         subprocess.run([script, "stop"], env=env, timeout=60)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _start_session_ray() -> None:
+    import ray
+
+    from data_prep.shards import STARTUP_CONFIG
+
+    # its processes inherit this environment; the commands and clusters the tests start afterwards do not
+    with _environment(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", **RAY_TEST_ENV):
+        port = free_port()  # its own dashboard, and Ray Train's cleaner told where (as init_ray does)
+        api = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+        ray.init(
+            address="local",
+            num_cpus=2,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env=api,
+            log_to_driver=False,
+            _system_config=STARTUP_CONFIG,
+        )
 
 
 @pytest.fixture(scope="session")
 def ray_local(s3):
     """One local Ray for the in-process tests of a session (started here, shut down at the end); started
-    after the S3 server so that its workers reach the bucket."""
+    after the S3 server so that its workers reach the bucket. Started as `init_ray` starts a local Ray (its
+    worker start concurrency, no preemption watcher), with the workers' output kept out of pytest's."""
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
+    _start_session_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _session_ray_left_idle():
+    """After each module, the session's Ray has all its CPUs free again, so that the next module can place
+    its runs: a module whose runs still hold CPUs 30 s after its last test gets a warning naming what is
+    alive, and the session's Ray is started anew."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            from ray.util.state import list_actors
+
+            try:
+                alive = [f"{a.class_name} {a.state}" for a in list_actors(filters=[("state", "!=", "DEAD")])]
+            except Exception as e:  # noqa: BLE001 - the warning says what it could
+                alive = [f"(actors not listed: {e})"]
+            say = f"the session's Ray has CPUs in use after the module: {alive}; restarting it"
+            warnings.warn(say, stacklevel=1)
+            ray.shutdown()
+            _start_session_ray()
+            return
+        time.sleep(0.5)
+
+
+# Shards of real CamVid, each built once per session (prepare through the session's Ray). They are read-only
+# by convention: a test that changes shards copies them first (or prepares its own in tmp_path).
+
+
+def _prepare(camvid_dir: Path, out, **kw):
+    from data_prep import prepare
+
+    prepare(camvid_dir, out, log=lambda _: None, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_4(camvid_dir, ray_local, tmp_path_factory) -> Path:
+    """4 images per split, one shard each: for runs that only need to start, or one short epoch."""
+    return _prepare(camvid_dir, tmp_path_factory.mktemp("shards-4"), shard_size=4, limit=4)
+
+
+@pytest.fixture(scope="session")
+def shards_12(camvid_dir, ray_local, tmp_path_factory) -> Path:
+    """12 images per split in shards of 4: for searches (a trial trains one short epoch on them)."""
+    return _prepare(camvid_dir, tmp_path_factory.mktemp("shards-12"), shard_size=4, limit=12)
+
+
+@pytest.fixture(scope="session")
+def shards_24(camvid_dir, ray_local, tmp_path_factory) -> Path:
+    """24 images per split in shards of 8: for two-worker training whose loss must fall in a few epochs."""
+    return _prepare(camvid_dir, tmp_path_factory.mktemp("shards-24"), shard_size=8, limit=24)
+
+
+@pytest.fixture(scope="session")
+def full_shards(camvid_dir, ray_local, tmp_path_factory) -> Path:
+    """All of CamVid (367/101/233 images) in shards of 64."""
+    return _prepare(camvid_dir, tmp_path_factory.mktemp("shards-full"), shard_size=64)
+
+
+@pytest.fixture(scope="session")
+def bucket_shards(s3, ray_local, camvid_dir) -> str:
+    """8 images per split in shards of 4, in the loopback bucket (nothing else under this prefix)."""
+    return _prepare(camvid_dir, f"{s3['bucket']}/session/shards", shard_size=4, limit=8)
 
 
 def copy_camvid_subset(src: Path, dest: Path, per_split: int = 2) -> Path:
@@ -157,3 +240,14 @@ def kill_a_train_worker(ready, address: str | None = None):
 def train_worker_killer():
     """`with train_worker_killer(ready) as killed:` (see kill_a_train_worker)."""
     return kill_a_train_worker
+
+
+@pytest.fixture(scope="session")
+def flaky_proxy():
+    """The class FlakyProxy of tests/flaky_proxy.py: a fault-injecting proxy for the loopback S3 server."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flaky_proxy", ROOT / "tests" / "flaky_proxy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FlakyProxy

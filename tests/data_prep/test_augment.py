@@ -20,7 +20,7 @@ def sample(camvid_dir):
 
 
 def test_train_transform_keeps_labels_nearest_and_pads_with_void(sample):
-    t = train_transform(AugmentConfig(120, 160, scale_min=0.5, scale_max=0.6), seed=3)
+    t = train_transform(AugmentConfig(120, 160, scale_min=0.5, scale_max=0.6), seed=3, void=11)
     out = t(image=sample["image"], mask=sample["label"])
     assert out["image"].shape == (120, 160, 3) and out["mask"].shape == (120, 160)
     allowed = set(np.unique(sample["label"]).tolist()) | {11}
@@ -30,8 +30,8 @@ def test_train_transform_keeps_labels_nearest_and_pads_with_void(sample):
 
 def test_train_transform_is_reproducible_by_seed(sample):
     cfg = AugmentConfig(90, 120)
-    a = [train_transform(cfg, seed=7)(image=sample["image"], mask=sample["label"]) for _ in range(2)]
-    b = train_transform(cfg, seed=8)(image=sample["image"], mask=sample["label"])
+    a = [train_transform(cfg, seed=7, void=11)(image=sample["image"], mask=sample["label"]) for _ in range(2)]
+    b = train_transform(cfg, seed=8, void=11)(image=sample["image"], mask=sample["label"])
     assert np.array_equal(a[0]["image"], a[1]["image"]) and np.array_equal(a[0]["mask"], a[1]["mask"])
     assert not np.array_equal(a[0]["image"], b["image"])
 
@@ -56,7 +56,9 @@ def test_loader_batches_are_reproducible_with_workers(small_camvid, ray_local, t
     prepare(small_camvid, tmp_path / "out", shard_size=1)
 
     def first_batch(seed):
-        ds = ShardDataset(tmp_path / "out", "train", train_transform(AugmentConfig(64, 96), seed=seed))
+        ds = ShardDataset(
+            tmp_path / "out", "train", train_transform(AugmentConfig(64, 96), seed=seed, void=11)
+        )
         loader = make_loader(ds, batch_size=2, shuffle=True, seed=seed, num_workers=2)
         return next(iter(loader))
 

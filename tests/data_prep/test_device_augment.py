@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from data_prep.compact import read_compact, write_compact
+from data_prep.datasets import CAMVID
 from data_prep.device_augment import AugmentConfig, DeviceBatches, augment_batch, normalize
-from segnet import VOID, SegNetError
+from segnet import SegNetError
+
+VOID = CAMVID.void_index
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def _batch(split, n=2):
 def test_identity_settings_give_the_normalised_image_and_the_exact_labels(split):
     x, y = _batch(split)
     cfg = AugmentConfig(360, 480, scale_min=1, scale_max=1, hflip=0, jitter=0)
-    out_x, out_y = augment_batch(x, y, cfg, torch.Generator().manual_seed(0))
+    out_x, out_y = augment_batch(x, y, cfg, torch.Generator().manual_seed(0), VOID)
     assert torch.equal(out_y, y.long())
     assert torch.allclose(out_x, normalize(x), atol=1e-4)
 
@@ -48,7 +51,7 @@ def test_identity_settings_give_the_normalised_image_and_the_exact_labels(split)
 def test_flip_mirrors_image_and_labels_together(split):
     x, y = _batch(split)
     cfg = AugmentConfig(360, 480, scale_min=1, scale_max=1, hflip=1, jitter=0)
-    out_x, out_y = augment_batch(x, y, cfg, torch.Generator().manual_seed(0))
+    out_x, out_y = augment_batch(x, y, cfg, torch.Generator().manual_seed(0), VOID)
     assert torch.equal(out_y, y.long().flip(-1))
     assert torch.allclose(out_x, normalize(x).flip(-1), atol=1e-4)
 
@@ -56,7 +59,7 @@ def test_flip_mirrors_image_and_labels_together(split):
 def test_zoom_out_pads_with_void_and_invents_no_class(split):
     x, y = _batch(split)
     cfg = AugmentConfig(360, 480, scale_min=0.5, scale_max=0.5, hflip=0, jitter=0)
-    _, out_y = augment_batch(x, y, cfg, torch.Generator().manual_seed(0))
+    _, out_y = augment_batch(x, y, cfg, torch.Generator().manual_seed(0), VOID)
     assert (out_y[:, :80] == VOID).all() and (out_y[:, :, :110] == VOID).all()  # 90 / 120 px of padding
     inner = out_y[:, 100:260, 130:350]
     assert (inner != VOID).float().mean() > 0.9
@@ -66,7 +69,10 @@ def test_zoom_out_pads_with_void_and_invents_no_class(split):
 
 def test_training_batches_are_reproducible_per_epoch_and_differ_across_epochs(split):
     images, labels = split
-    make = lambda: DeviceBatches(images, labels, 2, (90, 120), augment=AugmentConfig(90, 120), seed=1)  # noqa: E731
+
+    def make():
+        return DeviceBatches(images, labels, 2, (90, 120), augment=AugmentConfig(90, 120), seed=1, void=VOID)
+
     a, b = make(), make()
     first = [x for x, _ in a]
     assert all(torch.equal(p, q) for p, q in zip(first, (x for x, _ in b)))
@@ -83,7 +89,9 @@ def test_ranks_take_disjoint_equal_parts_of_each_epoch():
     cfg = AugmentConfig(8, 8, scale_min=1, scale_max=1, hflip=0, jitter=0)
     seen = []
     for rank in range(3):
-        batches = DeviceBatches(images, labels, 2, (8, 8), augment=cfg, rank=rank, world=3, drop_last=True)
+        batches = DeviceBatches(
+            images, labels, 2, (8, 8), augment=cfg, rank=rank, world=3, drop_last=True, void=VOID
+        )
         batches.set_epoch(4)
         ids = [round(v) for x, _ in batches for v in (x[:, 0, 0, 0] * 0.229 + 0.485).mul(255).tolist()]
         assert len(ids) == 2  # 10 // 3 = 3 per rank, one full batch of 2

@@ -1,9 +1,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +10,9 @@ from PIL import Image
 from data_prep import iter_samples, prepare, ray_dataset, read_manifest
 from data_prep.camvid import CAMVID32_TO_11, SPLITS
 from segnet import SegNetError, class_weights
+from tests.helpers import error_line, flip_a_byte, segnet, start_segnet, wait_until
 
 pytestmark = pytest.mark.slow  # every test here runs Ray Data
-
-
-@pytest.fixture(scope="module")
-def full_shards(camvid_dir, ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    prepare(camvid_dir, out, shard_size=64)
-    return out
 
 
 def _labels(camvid_dir, split):
@@ -104,18 +95,14 @@ def test_tampered_shard_is_refused_when_read(small_camvid, ray_local, tmp_path):
     out = tmp_path / "out"
     m = prepare(small_camvid, out, shard_size=2)
     shard = out / m["splits"]["val"]["shards"][0]["file"]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_a_byte(shard)
     refused = f"shard {shard} does not match its checksum in the manifest"  # by name
     with pytest.raises(SegNetError, match=refused):
         list(iter_samples(out, "val"))
     with pytest.raises(SegNetError, match=refused):
         ray_dataset(out, "val")
-    r = _segnet("train", "--data", str(out), "--image-size", "64x96", cwd=tmp_path)  # before any worker
-    _, err = r.communicate(timeout=300)
-    assert r.returncode == 2
-    assert err.strip().splitlines()[-1] == f"segnet train: error: {refused}: refusing it"
+    r = segnet("train", "--data", str(out), "--image-size", "64x96", cwd=tmp_path, timeout=300)  # no worker
+    assert error_line(r, "train") == f"segnet train: error: {refused}: refusing it"
     assert len(list(iter_samples(out, "train"))) == 2  # the other splits are still served
 
 
@@ -187,24 +174,10 @@ def test_bad_input_rebuild_removes_the_old_manifest(small_camvid, ray_local, tmp
     assert not (out / "manifest.json").exists()  # never a manifest that disagrees with its source
 
 
-def _segnet(*args, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
 def test_cli_bad_input_exits_nonzero_with_one_line(small_camvid, tmp_path):
     _damage(small_camvid, "label_value")
-    proc = _segnet("prepare", "--source", str(small_camvid), "--out", str(tmp_path / "out"), "--workers", "1")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("segnet prepare: error:") and "label value 200" in last
-    assert "Traceback" not in err
+    r = segnet("prepare", "--source", str(small_camvid), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert "label value 200" in error_line(r, "prepare")
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -213,12 +186,10 @@ def test_interrupted_run_leaves_no_manifest_then_recovers(camvid_dir, tmp_path):
     args = ["prepare", "--source", str(camvid_dir), "--out", str(out), "--limit", "60", "--shard-size", "1"]
     args += ["--workers", "1"]
     # Ctrl-C's SIGINT, delivered even when this test runs in a background job (which inherits SIGINT ignored)
-    proc = _segnet(
+    proc = start_segnet(
         *args, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     )
-    deadline = time.time() + 240
-    while not list(out.glob("*.arrow")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    wait_until(lambda: list(out.glob("*.arrow")), 240, proc, every=0.02)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     proc.communicate(timeout=120)
@@ -227,9 +198,8 @@ def test_interrupted_run_leaves_no_manifest_then_recovers(camvid_dir, tmp_path):
     with pytest.raises(SegNetError, match="no manifest.json"):
         list(iter_samples(out, "train"))
     # the next run builds a complete manifest whose every shard is present and intact
-    proc = _segnet(*args)
-    proc.communicate(timeout=300)
-    assert proc.returncode == 0
+    r = segnet(*args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())
     assert [m["splits"][s]["num_images"] for s in SPLITS] == [60, 60, 60]
     assert sum(1 for _ in iter_samples(out, "test")) == 60

@@ -5,8 +5,6 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,40 +16,26 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_prep import storage
-from pipelines import registry
+from pipelines.tracking import registry
+from tests.helpers import free_port, kill_all, process_tree, processes_naming, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "local-cluster.sh"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Ports free now, not fixed ones: other Ray instances on the machine take ports near their defaults.
-RAY_PORT, DASHBOARD_PORT, MLFLOW_PORT, AGENT_PORT_BASE = (_free_port() for _ in range(4))
-
-
-def _env(state: str) -> dict:
-    env = {
-        **os.environ,
-        "STATE_DIR": state,
-        "RAY_PORT": str(RAY_PORT),
-        "DASHBOARD_PORT": str(DASHBOARD_PORT),
-        "MLFLOW_PORT": str(MLFLOW_PORT),
-        "AGENT_PORT_BASE": str(AGENT_PORT_BASE),
-    }
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-@pytest.fixture
-def cluster(s3):
+@contextlib.contextmanager
+def _local_cluster(s3):
+    """infra/local-cluster.sh start, then stop (also after a start that failed half-way). Each cluster has
+    its own state folder and ports, free now, not fixed ones: other Ray instances on the machine take ports
+    near their defaults."""
     state = tempfile.mkdtemp(prefix="sgc", dir="/tmp")  # short: Ray's socket paths live below it
-    env = {**_env(state), "ARTIFACTS": f"{s3['bucket']}/e2e/mlflow"}  # the MLflow server keeps them there
+    ports = {
+        name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "MLFLOW_PORT", "AGENT_PORT_BASE")
+    }
+    script = {**os.environ, "STATE_DIR": state, **ports}  # the environment of the script's commands
+    script.pop("RAY_ADDRESS", None)
+    env = {**script, "ARTIFACTS": f"{s3['bucket']}/e2e/mlflow"}  # the MLflow server keeps them there
     try:  # a start that fails half-way is stopped too
         started = subprocess.run(
             [str(SCRIPT), "start"], env=env, check=True, capture_output=True, text=True, timeout=300
@@ -59,12 +43,28 @@ def cluster(s3):
         exports = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
         yield {
             "state": state,
-            "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}",
-            "mlflow": f"http://127.0.0.1:{MLFLOW_PORT}",
-            "env": {**_env(state), **exports},  # what a user exports after `start`
+            "dashboard": f"http://127.0.0.1:{ports['DASHBOARD_PORT']}",
+            "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
+            "mlflow_port": ports["MLFLOW_PORT"],
+            "script": script,
+            "env": {**script, **exports},  # what a user exports after `start`
         }
     finally:
-        subprocess.run([str(SCRIPT), "stop"], env=_env(state), timeout=120)
+        subprocess.run([str(SCRIPT), "stop"], env=script, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    """One cluster for the tests of this module that leave it whole."""
+    with _local_cluster(s3) as started:
+        yield started
+
+
+@pytest.fixture
+def own_cluster(s3):
+    """A cluster of the test's own, for a test that kills a node or stops it."""
+    with _local_cluster(s3) as started:
+        yield started
 
 
 def _state(cluster, call: str) -> list:
@@ -93,6 +93,134 @@ def _bucket_files(uri: str) -> list[str]:
     return [f.path[len(path) + 1 :] for f in found if f.type == pafs.FileType.File]
 
 
+def test_stop_leaves_no_process_behind(own_cluster):
+    state = own_cluster["state"]
+    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout  # running now
+    subprocess.run([str(SCRIPT), "stop"], env=own_cluster["script"], check=True, timeout=120)
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout == b""
+    assert (
+        subprocess.run(
+            ["pgrep", "-f", f"mlflow server.*{own_cluster['mlflow_port']}"], capture_output=True
+        ).stdout
+        == b""
+    )
+
+
+def _node_processes(state: str, node: str) -> list[int]:
+    """One node's processes: those whose command line names its temp directory (raylet, log monitor), and
+    their descendants (agents, idle and training workers), which Ray renames."""
+    return process_tree(*processes_naming(f"{state}/{node}/ray"))
+
+
+def _mlflow_run(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name("segnet-camvid")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'") if exp else []
+    return runs[0] if runs else None
+
+
+# `segnet train`, with Ray Train asked every 2 s (not 60) whether the worker group can grow again.
+ELASTIC_DRIVER = (
+    "import sys, pipelines.train.driver as t; t.RESIZE_CHECK_S = 2; "
+    "from pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(
+    own_cluster, s3, camvid_dir, tmp_path, segnet_cli
+):
+    """`segnet train --workers 1-2` on both nodes; the worker node is SIGKILLed (raylet, agents, workers) in
+    epoch 1; the run goes on from epoch 0's checkpoint on the head alone, and once the node is started again
+    Ray Train grows the group back to 2 workers (again from the last checkpoint), and the run completes."""
+    cluster = own_cluster
+    # epochs enough to outlast the shrink and the growth back (by epoch 3 on a loaded 2-CPU machine; a fast
+    # one trains more epochs on the head alone while the worker node restarts)
+    bucket, state, epochs = f"{s3['bucket']}/elastic", cluster["state"], 18
+    (tmp_path / "tmp").mkdir()
+    # A restart first asks for the lost node's worker too (Ray's resource view lags by up to 20 s): give up
+    # on that placement after 15 s instead of Ray's 60 s, then restart with the workers that fit.
+    env = {**cluster["env"], "TMPDIR": str(tmp_path / "tmp"), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    prepare = [
+        "prepare",
+        "--source",
+        camvid_dir,
+        "--out",
+        f"{bucket}/shards",
+        "--limit",
+        16,
+        "--shard-size",
+        8,
+        "--workers",
+        1,
+    ]
+    r = segnet_cli(*prepare, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [
+        "train",
+        "--data",
+        f"{bucket}/shards",
+        "--workers",
+        "1-2",
+        "--epochs",
+        epochs,
+        "--batch-size",
+        4,
+        "--image-size",
+        "48x64",
+        "--loader-workers",
+        0,
+        "--max-failures",
+        2,
+        "--name",
+        "elastic",
+        "--storage-path",
+        f"{bucket}/runs",
+        "--mlflow-uri",
+        cluster["mlflow"],
+    ]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", ELASTIC_DRIVER, *map(str, train)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    client = MlflowClient(cluster["mlflow"])
+
+    def workers() -> list[tuple[int, int]]:  # (epoch, world size) of each epoch logged so far
+        run = _mlflow_run(client, "elastic")
+        history = client.get_metric_history(run.info.run_id, "workers") if run else []
+        return sorted((m.step, int(m.value)) for m in history)
+
+    tail = lambda: f"training log:\n{log.read_text()[-3000:]}"  # noqa: E731
+    try:
+        wait_until(lambda: workers(), 300, driver, tail)  # epoch 0 is checkpointed: the kill lands in epoch 1
+        kill_all(_node_processes(state, "worker"))  # the worker node: its raylet, agents and workers
+        wait_until(lambda: 1 in dict(workers()).values(), 300, driver, tail)  # an epoch on the head alone
+        subprocess.run([str(SCRIPT), "start-worker"], env=cluster["script"], check=True, timeout=120)
+        driver.wait(timeout=600)
+    finally:
+        driver.kill()
+    out = log.read_text()
+    assert driver.returncode == 0, out[-3000:]
+
+    per_epoch = workers()
+    assert [e for e, _ in per_epoch] == list(range(epochs))  # every epoch logged, each once
+    sizes = [w for _, w in per_epoch]
+    assert [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]] == [2, 1, 2]  # shrank, grew back
+    shrink, grow = sizes.index(1), len(sizes) - sizes[::-1].index(1)
+    # each restart began at the last checkpoint: no checkpointed epoch was trained again
+    resumed = set(re.findall(r"resuming from the checkpoint of epoch (\d+) with (\d+) workers", out))
+    assert resumed == {(str(shrink), "1"), (str(grow), "2")}
+    run = _mlflow_run(client, "elastic")
+    assert run.info.status == "FINISHED"
+    resizes = {k: v for k, v in run.data.tags.items() if k.startswith("resize.")}
+    assert resizes == {f"resize.epoch_{shrink}": "2->1", f"resize.epoch_{grow}": "1->2"}
+
+
+# Last in the module: its cluster (module scope) is then not running beside the others' own.
 def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
     cluster, s3, camvid_dir, tmp_path, segnet_cli
 ):
@@ -188,141 +316,3 @@ def test_nodes_sharing_only_a_bucket_prepare_tune_register_predict_and_resume(
 
     resumed = segnet(*submit, "tune", "--resume", f"{bucket}/runs/search", timeout=600)
     assert "resuming search search" in resumed and "SUCCEEDED" in resumed
-
-
-def test_stop_leaves_no_process_behind(cluster):
-    state = cluster["state"]
-    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout  # running now
-    subprocess.run([str(SCRIPT), "stop"], env=_env(state), check=True, timeout=120)
-    time.sleep(1)
-    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout == b""
-    assert subprocess.run(["pgrep", "-f", f"mlflow server.*{MLFLOW_PORT}"], capture_output=True).stdout == b""
-
-
-def _node_processes(state: str, node: str) -> list[int]:
-    """One node's processes: those whose command line names its temp directory (raylet, log monitor), and
-    their descendants (agents, idle and training workers), which Ray renames."""
-
-    def pgrep(*args) -> list[int]:
-        return [
-            int(p) for p in subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()
-        ]
-
-    pids, todo = [], pgrep("-f", f"{state}/{node}/ray")
-    while todo:
-        pids.append(todo.pop())
-        todo += pgrep("-P", str(pids[-1]))
-    return pids
-
-
-def _wait_until(condition, driver: subprocess.Popen, log: Path, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert driver.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"waited {seconds} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
-def _mlflow_run(client: MlflowClient, name: str):
-    exp = client.get_experiment_by_name("segnet-camvid")
-    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'") if exp else []
-    return runs[0] if runs else None
-
-
-# `segnet train`, with Ray Train asked every 5 s (not 60) whether the worker group can grow again.
-ELASTIC_DRIVER = (
-    "import sys, pipelines.train as t; t.RESIZE_CHECK_S = 5; "
-    "from pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
-def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(
-    cluster, s3, camvid_dir, tmp_path, segnet_cli
-):
-    """`segnet train --workers 1-2` on both nodes; the worker node is SIGKILLed (raylet, agents, workers) in
-    epoch 1; the run goes on from epoch 0's checkpoint on the head alone, and once the node is started again
-    Ray Train grows the group back to 2 workers (again from the last checkpoint), and the run completes."""
-    bucket, state, epochs = f"{s3['bucket']}/elastic", cluster["state"], 24
-    (tmp_path / "tmp").mkdir()
-    # A restart first asks for the lost node's worker too (Ray's resource view lags by up to 20 s): give up
-    # on that placement after 15 s instead of Ray's 60 s, then restart with the workers that fit.
-    env = {**cluster["env"], "TMPDIR": str(tmp_path / "tmp"), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    prepare = [
-        "prepare",
-        "--source",
-        camvid_dir,
-        "--out",
-        f"{bucket}/shards",
-        "--limit",
-        16,
-        "--shard-size",
-        8,
-        "--workers",
-        1,
-    ]
-    r = segnet_cli(*prepare, cwd=tmp_path, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    train = [
-        "train",
-        "--data",
-        f"{bucket}/shards",
-        "--workers",
-        "1-2",
-        "--epochs",
-        epochs,
-        "--batch-size",
-        4,
-        "--image-size",
-        "48x64",
-        "--loader-workers",
-        0,
-        "--max-failures",
-        2,
-        "--name",
-        "elastic",
-        "--storage-path",
-        f"{bucket}/runs",
-        "--mlflow-uri",
-        cluster["mlflow"],
-    ]
-    log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-c", ELASTIC_DRIVER, *map(str, train)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    client = MlflowClient(cluster["mlflow"])
-
-    def workers() -> list[tuple[int, int]]:  # (epoch, world size) of each epoch logged so far
-        run = _mlflow_run(client, "elastic")
-        history = client.get_metric_history(run.info.run_id, "workers") if run else []
-        return sorted((m.step, int(m.value)) for m in history)
-
-    try:
-        _wait_until(lambda: workers(), driver, log)  # epoch 0 is checkpointed: the kill lands in epoch 1
-        for pid in _node_processes(state, "worker"):  # the worker node: its raylet, agents and workers
-            with contextlib.suppress(ProcessLookupError):  # gone with its parent
-                os.kill(pid, signal.SIGKILL)
-        _wait_until(lambda: 1 in dict(workers()).values(), driver, log)  # an epoch done on the head alone
-        subprocess.run([str(SCRIPT), "start-worker"], env=_env(state), check=True, timeout=120)
-        driver.wait(timeout=600)
-    finally:
-        driver.kill()
-    out = log.read_text()
-    assert driver.returncode == 0, out[-3000:]
-
-    per_epoch = workers()
-    assert [e for e, _ in per_epoch] == list(range(epochs))  # every epoch logged, each once
-    sizes = [w for _, w in per_epoch]
-    assert [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]] == [2, 1, 2]  # shrank, grew back
-    shrink, grow = sizes.index(1), len(sizes) - sizes[::-1].index(1)
-    # each restart began at the last checkpoint: no checkpointed epoch was trained again
-    resumed = set(re.findall(r"resuming from the checkpoint of epoch (\d+) with (\d+) workers", out))
-    assert resumed == {(str(shrink), "1"), (str(grow), "2")}
-    run = _mlflow_run(client, "elastic")
-    assert run.info.status == "FINISHED"
-    resizes = {k: v for k, v in run.data.tags.items() if k.startswith("resize.")}
-    assert resizes == {f"resize.epoch_{shrink}": "2->1", f"resize.epoch_{grow}": "1->2"}

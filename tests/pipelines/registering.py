@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[2])]  # its conftest, and tests.helpers
 from conftest import _register  # noqa: E402
 
 uri, stall = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)

@@ -5,22 +5,21 @@ import json
 
 import pytest
 
-from data_prep import prepare, storage
+from data_prep import storage
 
 pytestmark = pytest.mark.slow
 
 
 def _json(r) -> dict:
-    """The JSON a successful `segnet train` or `evaluate --json` prints last."""
+    """The JSON document of a successful `segnet train --json` or `evaluate --json`: all of stdout."""
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    return json.loads(r.stdout[r.stdout.index("{\n") :])
+    return json.loads(r.stdout)
 
 
 def test_train_evaluate_and_resume_through_the_bucket_from_an_empty_directory(
-    s3, ray_local, camvid_dir, tmp_path, segnet_cli
+    s3, bucket_shards, tmp_path, segnet_cli
 ):
-    shards, runs = f"{s3['bucket']}/runs-test/shards", f"{s3['bucket']}/runs-test/runs"
-    prepare(camvid_dir, shards, shard_size=4, limit=8)
+    shards, runs = bucket_shards, f"{s3['bucket']}/runs-test/runs"
     work = tmp_path / "empty"
     work.mkdir()
     mlflow = f"sqlite:///{tmp_path}/mlflow/mlruns.db"
@@ -45,6 +44,7 @@ def test_train_evaluate_and_resume_through_the_bucket_from_an_empty_directory(
         mlflow,
         "--name",
         "r1",
+        "--json",
     ]
     best = _json(segnet_cli(*train, cwd=work))
     checkpoint = best["best_checkpoint"]
@@ -53,7 +53,7 @@ def test_train_evaluate_and_resume_through_the_bucket_from_an_empty_directory(
     result = _json(segnet_cli(*evaluate, cwd=work))
     assert result["miou"] == pytest.approx(best["best_metrics"]["val_miou"], abs=1e-3)
     assert "metrics.json" in storage.list_names(f"{checkpoint}/eval-val")
-    resume = ["train", "--resume", f"{runs}/r1", "--epochs", "2", "--mlflow-uri", mlflow]
+    resume = ["train", "--resume", f"{runs}/r1", "--epochs", "2", "--mlflow-uri", mlflow, "--json"]
     resumed = _json(segnet_cli(*resume, cwd=work))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1]
     assert list(work.iterdir()) == []  # nothing written where the commands ran

@@ -6,7 +6,7 @@ import uuid
 
 from ray.experimental import tqdm_ray
 
-from pipelines import console
+from pipelines.core import console
 
 
 def _bar_of(pid: int) -> dict:

@@ -6,9 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from pipelines.cli import main
 from pipelines.export import camvid_batch
+from segnet import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +24,21 @@ def exported(register_seeded, camvid_dir, tmp_path_factory):
 
 
 def test_export_agrees_with_pytorch_on_camvid_test_images(exported, camvid_dir, capsys):
+    """The figures are the test's own: the ONNX file run in onnxruntime against the registered checkpoint's
+    weights in a model the test builds (not the folded model the exporter compared with)."""
     uri, out = exported
     argv = ["export", "models:/onnx-test@champion", "--format", "onnx", "--out", str(out), "--json"]
     assert main([*argv, "--mlflow-uri", uri, "--source", str(camvid_dir)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["argmax_agreement"] >= 0.999 and report["logits_within_1e-3"] >= 0.95
     assert report["torch_ms_per_image"] > 0 and report["onnxruntime_ms_per_image"] > 0
+    model = build_model("segnet-basic", num_classes=11).eval()
+    model.load_state_dict(torch.load(out.parent / "onnx-test-4" / "model.pt", weights_only=True))
+    x = camvid_batch(camvid_dir, 8, (90, 120))
+    with torch.no_grad():
+        ours = model(torch.from_numpy(x)).numpy()
+    theirs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.999
+    assert (np.abs(ours - theirs) <= 1e-3).mean() >= 0.95
 
 
 def test_the_onnx_graph_is_standard_ops_with_a_dynamic_batch_and_metadata(exported, camvid_dir):

@@ -16,7 +16,7 @@ class Missing:
             raise ImportError(f"{name} is not installed on the GPU machines")
 sys.meta_path.insert(0, Missing())
 sys.argv = ["gpu-check"] + sys.argv[1:]
-runpy.run_module("pipelines.gpu_check", run_name="__main__")
+runpy.run_module("pipelines.bench.gpu_check", run_name="__main__")
 """
 
 

@@ -7,31 +7,32 @@ import hashlib
 import http.client
 import io
 import json
-import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
 
+import pyarrow.fs as pafs
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
-from data_prep import prepare
-from data_prep.camvid import find_pairs, load_pair
-from pipelines import checkpoint as ckpt_io
+from data_prep import storage
+from data_prep.camvid import find_pairs
+from data_prep.shards import write_shard
+from pipelines.core import checkpoint as ckpt_io
 from pipelines.predict import input_images, read_rgb
-from pipelines.pyfunc_model import SegNetModel
+from pipelines.tracking.pyfunc_model import MAX_PIXELS, SegNetModel
 from segnet import SegNetError, build_model
+from tests.helpers import Code, error_line
 
 
 def _refused(r: subprocess.CompletedProcess, command: str, fragment: str) -> str:
     """Exit status 2 and a last line `segnet COMMAND: error: ...` holding `fragment`; no traceback."""
-    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"segnet {command}: error: ") and fragment in last, last
-    assert "Traceback" not in r.stderr
+    last = error_line(r, command)
+    assert fragment in last, last
     return last
 
 
@@ -96,14 +97,30 @@ def hostile_source(small_camvid, tmp_path):
 
 
 @pytest.mark.parametrize("how", CONTENT + LISTING)
-def test_prepare_refuses_hostile_input_by_name_before_decoding_it(hostile_source, png_declaring, how):
+def test_prepare_refuses_hostile_input_by_name_before_decoding_it(
+    hostile_source, png_declaring, tmp_path, monkeypatch, how
+):
+    """Through what `prepare` runs, in this process: its listing (`find_pairs`), then the task of each shard
+    (`write_shard`, here one pair a shard); PIL's decoder is watched to show which images were decoded."""
     source, outside = hostile_source
     fragment = _hostile_camvid(source, outside, how, png_declaring)
-    with pytest.raises(SegNetError, match="refusing|not a readable|pixels|mode|does not exist") as e:
-        for pairs in find_pairs(source).values():
-            for pair in pairs:
-                load_pair(pair)
-    assert fragment in str(e.value) and "\n" not in str(e.value)
+    decoded, load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda img: decoded.append(img.size) or load(img))
+    out, errors = tmp_path / "out", []
+    out.mkdir()
+    try:
+        pairs = find_pairs(source)
+    except SegNetError as e:
+        errors.append(str(e))
+    else:
+        for split, listed in pairs.items():
+            for i, pair in enumerate(listed):
+                task = {"split": split, "index": i, "file": f"{split}-{i}.arrow", "out": str(out)}
+                errors.append(write_shard({**task, "compression": "none", "pairs": [vars(pair)]})["error"])
+    errors = [e for e in errors if e]
+    assert len(errors) == 1 and fragment in errors[0] and "\n" not in errors[0], errors
+    assert (8000, 6000) not in decoded and (30000, 30000) not in decoded  # refused from the header alone
+    assert decoded or how in LISTING  # the watch works: the good images were decoded
 
 
 @pytest.mark.slow
@@ -133,6 +150,8 @@ def test_prepare_cli_exits_2_with_one_line_and_writes_nothing(
     [
         ("decompression bomb", "is over the limit of 40,000,000 pixels"),
         ("header over the limit", "has 8000x6000 pixels, over the limit"),
+        ("over PIL's warning size", "is over the limit of 40,000,000 pixels"),  # 100 M: PIL warns, not raises
+        ("over a lowered limit", "has 2000x1000 pixels, over the limit of 1,000,000"),
         ("text named .png", "cannot be decoded as an image"),
         ("truncated", "cannot be decoded as an image"),
     ],
@@ -146,11 +165,15 @@ def test_predict_refuses_an_image_it_cannot_or_should_not_decode(
         "decompression bomb": png_declaring(30000, 30000),
         "truncated": camvid[:5000],
         "header over the limit": png_declaring(8000, 6000),
+        "over PIL's warning size": png_declaring(10000, 10000),
+        "over a lowered limit": png_declaring(2000, 1000),
         "text named .png": b"text",
     }
     path.write_bytes(data[how])
-    with pytest.raises(SegNetError) as e:
-        read_rgb(str(path))
+    with pytest.raises(SegNetError) as e, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        read_rgb(str(path), 1_000_000 if how == "over a lowered limit" else MAX_PIXELS)
+    assert [str(w.message) for w in warned] == []  # no DecompressionBombWarning on the way: one line only
     assert str(e.value).startswith(str(path)) and fragment in str(e.value) and "\n" not in str(e.value)
 
 
@@ -191,34 +214,23 @@ def test_predict_cli_refuses_a_bucket_key_with_dotdot(s3, png_declaring, tmp_pat
         conn.request("PUT", f"/{bucket}/{key}", body=png_declaring(48, 32))
         assert conn.getresponse().status == 200
         conn.close()
-    out = tmp_path / "a" / "b" / "labels"
     with pytest.raises(SegNetError, match=r"'\.\./\.\./escape\.png' .* has a '\.\.' part"):
         input_images(f"{s3['bucket']}/hostile/in")
-    r = segnet_cli(
-        "predict",
-        "--model",
-        "models:/none@champion",
-        "--input",
-        f"{s3['bucket']}/hostile/in",
-        "--output",
-        out,
-        cwd=tmp_path,
-    )
-    _refused(r, "predict", "has a '..' part")
-    assert list(tmp_path.rglob("*")) == []
+    before = _bucket_keys(s3["bucket"])
+    for out in (tmp_path / "a" / "b" / "labels", f"{s3['bucket']}/hostile/a/b/labels"):
+        args = ["predict", "--model", "models:/none@champion", "--input", f"{s3['bucket']}/hostile/in"]
+        _refused(segnet_cli(*args, "--output", out, cwd=tmp_path), "predict", "has a '..' part")
+        assert list(tmp_path.rglob("*")) == []
+        assert _bucket_keys(s3["bucket"]) == before  # nothing written in the bucket either, nor removed
+
+
+def _bucket_keys(bucket: str) -> list[str]:
+    """Every key in the bucket, as the store lists them (`..` parts kept)."""
+    fs, path = storage.resolve(bucket)
+    return sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
 
 
 # ---------------------------------------------------------------- model loading
-
-
-class Code:
-    """Unpickled, this runs `touch MARKER`: the marker file shows whether any loader ran it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def _hostile_checkpoint(folder: Path, marker: Path) -> Path:
@@ -258,19 +270,12 @@ def test_a_checkpoint_that_pickles_code_is_refused_by_every_loader_and_never_run
     assert not marker.exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_shards(camvid_dir, ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-shards")
-    prepare(camvid_dir, out, limit=1, log=lambda _: None)
-    return out
-
-
 @pytest.mark.slow
-def test_evaluate_cli_refuses_a_checkpoint_that_pickles_code(tiny_shards, tmp_path, segnet_cli):
+def test_evaluate_cli_refuses_a_checkpoint_that_pickles_code(shards_4, tmp_path, segnet_cli):
     marker = tmp_path / "marker"
     folder = _hostile_checkpoint(tmp_path / "checkpoint", marker)
     before = _tree(tmp_path)
-    r = segnet_cli("evaluate", "--checkpoint", folder, "--data", tiny_shards, "--split", "test", cwd=tmp_path)
+    r = segnet_cli("evaluate", "--checkpoint", folder, "--data", shards_4, "--split", "test", cwd=tmp_path)
     _refused(r, "evaluate", f"{folder}/model.pt {REFUSAL}")
     assert not marker.exists()
     assert _tree(tmp_path) == before  # no eval-test folder, nothing else

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,9 +18,10 @@ import requests
 import torch
 from PIL import Image
 
-from pipelines import registry, tracking
 from pipelines.cli import main
+from pipelines.tracking import registry, runs
 from segnet import SegNetError
+from tests.helpers import free_port, wait_for_url
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def image(camvid_dir) -> bytes:
 
 def test_test_metrics_are_logged_on_the_logged_model_linked_to_the_test_data(store):
     uri, results = store
-    c = tracking.client(uri)
+    c = runs.client(uri)
     metrics = {m.key: m for m in c.get_logged_model(results[0]["model_id"]).metrics}
     assert metrics["test_miou"].value == 0.5
     assert (metrics["test_miou"].dataset_name, metrics["test_miou"].dataset_digest) == (
@@ -97,6 +99,31 @@ def test_every_input_form_gives_the_same_labels_at_the_images_size(store, image)
     assert all(np.array_equal(labels[0], lb) for lb in labels[1:4])
 
 
+def test_mc_params_add_the_uncertainty_beside_the_labels_and_leave_the_default_output_alone(
+    register_seeded, image, tmp_path
+):
+    """A Bayesian SegNet-Basic: without params, one uint8 label map per image as ever; with mc_samples and
+    uncertainty, a dict of labels and a float32 map in [0, 1] per image, at each image's size. The same
+    weights without dropout refuse mc_samples, naming why."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    register_seeded(uri, "bayes", 1, 0.5, tmp_path, dropout=0.5)
+    register_seeded(uri, "plain", 1, 0.5, tmp_path)
+    model, plain = registry.load(uri, "bayes@champion"), registry.load(uri, "plain@champion")
+    crop = np.ascontiguousarray(np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))[:200, :300])
+    frame = pd.DataFrame({"image": [image, crop]})
+    labels = model.predict(frame)
+    assert [(lb.dtype, lb.shape) for lb in labels] == [(np.uint8, (360, 480)), (np.uint8, (200, 300))]
+    assert np.array_equal(labels[0], plain.predict(frame)[0])  # dropout is off without params
+    out = model.predict(frame, params={"mc_samples": 4, "mc_batch": 3, "uncertainty": True})
+    assert [sorted(o) for o in out] == [["labels", "uncertainty"]] * 2
+    assert out[0]["labels"].shape == out[0]["uncertainty"].shape == (360, 480)
+    assert out[1]["labels"].shape == out[1]["uncertainty"].shape == (200, 300)
+    assert out[0]["labels"].dtype == np.uint8 and out[0]["uncertainty"].dtype == np.float32
+    assert 0 <= out[0]["uncertainty"].min() < out[0]["uncertainty"].max() <= 1
+    with pytest.raises(SegNetError, match="mc_samples 4: model 'segnet-basic' has no dropout"):
+        plain.predict(frame, params={"mc_samples": 4})
+
+
 @pytest.mark.parametrize(
     "cell, message",
     [
@@ -123,6 +150,17 @@ def test_a_pixel_bomb_png_is_refused_before_decoding(store):
 def test_registry_list_prints_versions_and_aliases(store, capsys):
     assert main(["registry", "list", "--mlflow-uri", store[0]]) == 0
     assert "1,2,3" in capsys.readouterr().out
+    assert main(["registry", "list", "--mlflow-uri", store[0], "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)  # stdout: the document alone
+    assert [(r["name"], r["versions"]) for r in rows] == [("m", ["1", "2", "3"])]
+
+
+def test_registry_show_json_is_the_only_thing_on_stdout(store, capsys):
+    assert main(["registry", "show", "m@champion", "--mlflow-uri", store[0], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["version"], shown["aliases"]) == ("3", ["champion"])
+    assert main(["registry", "show", "m/2", "--mlflow-uri", store[0]]) == 0
+    assert re.search(r"^version +2$", capsys.readouterr().out, re.M)  # a person's view: a line per key
 
 
 @pytest.mark.slow
@@ -160,7 +198,7 @@ np.save("labels.npy", labels)
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for, tmp_path):
+def test_mlflow_models_serve_answers_a_request(store, image, tmp_path):
     uri, _ = store
     port = free_port()
     cmd = [
@@ -189,7 +227,7 @@ def test_mlflow_models_serve_answers_a_request(store, image, free_port, wait_for
     }
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     try:
-        wait_for(f"http://127.0.0.1:{port}/ping", proc)
+        wait_for_url(f"http://127.0.0.1:{port}/ping", proc)
         payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
         r = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
     finally:
@@ -208,7 +246,5 @@ def test_a_new_run_prints_its_ui_address(tmp_path, capsys):
 
     (tmp_path / "manifest.json").write_text("{}")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rid = tracking.start_run(
-        uri, "e", "r", TrainConfig(data=str(tmp_path)), tmp_path / "manifest.json", "0" * 64
-    )
+    rid = runs.start_run(uri, "e", "r", TrainConfig(data=str(tmp_path)), tmp_path / "manifest.json", "0" * 64)
     assert f"/runs/{rid} (after: mlflow ui --backend-store-uri {uri})" in capsys.readouterr().out

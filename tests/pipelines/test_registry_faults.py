@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines import registry
+from pipelines.tracking import registry
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("registering.py")

@@ -3,13 +3,12 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
+from pipelines.tracking import runs
+from tests.helpers import free_port
 
 
 @pytest.mark.slow
-def test_epochs_logged_while_the_server_is_down_wait_and_arrive_once_it_is_back(
-    tmp_path, start_mlflow, free_port
-):
+def test_epochs_logged_while_the_server_is_down_wait_and_arrive_once_it_is_back(tmp_path, start_mlflow):
     """The controller's buffer neither raises nor waits for the server (a blocked controller handles no
     worker failure; an outage longer than MLflow's own retries would otherwise end the run)."""
     folder, port = tmp_path / "mlflow", free_port()
@@ -18,7 +17,7 @@ def test_epochs_logged_while_the_server_is_down_wait_and_arrive_once_it_is_back(
     run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("outage")).info.run_id
     server.terminate()
     server.wait(30)
-    buffer = tracking.MetricBuffer(uri, run_id)
+    buffer = runs.MetricBuffer(uri, run_id)
     buffer.add({"epoch": 0, "val_miou": 0.1}, step=0)
     buffer.add({"epoch": 1, "val_miou": 0.2}, step=1, tags={"resize.epoch_1": "2->1"})
     assert [step for step, _, _ in buffer.pending] == [0, 1]

@@ -31,11 +31,11 @@ def test_unknown_mode_names_the_modes():
 def test_loss_ignores_void_and_applies_weights():
     logits = torch.zeros(1, 2, 1, 3, requires_grad=True)
     target = torch.tensor([[[0, 1, 11]]])
-    unweighted = segmentation_loss()(logits, target)
+    unweighted = segmentation_loss(ignore_index=11)(logits, target)
     assert unweighted.item() == pytest.approx(np.log(2))  # void pixel left out
-    weighted = segmentation_loss([3.0, 1.0])(logits, target)
+    weighted = segmentation_loss([3.0, 1.0], ignore_index=11)(logits, target)
     assert weighted.item() == pytest.approx(np.log(2))  # weighted mean of equal losses
     logits2 = torch.tensor([[[[5.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]]])
-    w = segmentation_loss([3.0, 1.0])(logits2, target)
+    w = segmentation_loss([3.0, 1.0], ignore_index=11)(logits2, target)
     l0, l1 = -torch.log_softmax(torch.tensor([5.0, 0.0]), 0)[0], np.log(2)
     assert w.item() == pytest.approx((3 * l0.item() + l1) / 4)

@@ -6,6 +6,7 @@ from torch import nn
 
 from segnet import SegNetError, build_model, count_parameters, list_models
 from segnet.layers import flat_indices, fold_batch_norm, pool, unpool
+from segnet.models import MODELS, SegmentationModel, min_input_size
 from segnet.paper import PAPER_TABLE1, SEGNET_PARAMS_M
 
 # Table 1 (decoder variants, SegNet-Basic encoder) and Table 6 (SegNet), in millions, 11 classes.
@@ -18,19 +19,35 @@ def test_registry_lists_all_nine_models():
     assert sorted(list_models()) == sorted(PAPER_PARAMS)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_keeps_the_segmentation_model_contract(name):
+    ctor = MODELS[name]
+    num_pools = getattr(ctor, "func", ctor).num_pools  # on the class: read before any model is built
+    model = build_model(name, num_classes=5, in_channels=4).eval()
+    assert isinstance(model, nn.Module) and isinstance(model, SegmentationModel)
+    assert isinstance(num_pools, int) and num_pools == model.num_pools
+    assert min_input_size(name) == 2**num_pools
+    assert isinstance(model.storage_multiplier, int) and model.storage_multiplier >= 0
+    smallest = 2**num_pools
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, smallest, smallest + 1)).shape == (1, 5, smallest, smallest + 1)
+        with pytest.raises(SegNetError, match="too small"):
+            model(torch.randn(1, 4, smallest - 1, smallest))
+
+
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
 def test_parameter_count_within_3_percent_of_paper(name):
-    params = count_parameters(build_model(name)) / 1e6
+    params = count_parameters(build_model(name, num_classes=11)) / 1e6
     assert abs(params - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.03, params
 
 
 @pytest.mark.parametrize("name", list(PAPER_STORAGE))
 def test_storage_multiplier_matches_table1(name):
-    assert build_model(name).storage_multiplier == PAPER_STORAGE[name]
+    assert build_model(name, num_classes=11).storage_multiplier == PAPER_STORAGE[name]
 
 
 def test_segnet_has_13_encoder_and_13_decoder_convs():
-    model = build_model("segnet")
+    model = build_model("segnet", num_classes=11)
     enc = [m for m in model.encoders.modules() if isinstance(m, nn.Conv2d)]
     dec = [m for m in model.decoders.modules() if isinstance(m, nn.Conv2d)]
     assert len(enc) == 13 and len(dec) == 13
@@ -40,7 +57,7 @@ def test_segnet_has_13_encoder_and_13_decoder_convs():
 
 
 def test_segnet_output_shape_at_camvid_size():
-    model = build_model("segnet").eval()
+    model = build_model("segnet", num_classes=11).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 360, 480)).shape == (1, 11, 360, 480)
 
@@ -57,7 +74,7 @@ def test_output_shape_any_size(name, size):
 @pytest.mark.parametrize("name", ["segnet", "segnet-basic"])
 def test_too_small_input_is_a_clear_error(name):
     with pytest.raises(SegNetError, match="at least"):
-        build_model(name)(torch.randn(1, 3, 8, 8))
+        build_model(name, num_classes=11)(torch.randn(1, 3, 8, 8))
 
 
 def test_unpool_restores_values_at_argmax_positions():
@@ -97,7 +114,7 @@ def test_compact_pooling_matches_torch_pooling_with_int64_indices(size, channels
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
 def test_gradients_reach_every_parameter(name):
-    model = build_model(name).train()
+    model = build_model(name, num_classes=11).train()
     x = torch.randn(2, 3, 48, 64)
     target = torch.randint(0, 11, (2, 48, 64))
     nn.functional.cross_entropy(model(x), target).backward()
@@ -107,11 +124,11 @@ def test_gradients_reach_every_parameter(name):
 
 def test_unknown_model_names_the_choices():
     with pytest.raises(SegNetError, match="segnet-basic"):
-        build_model("segnet-xl")
+        build_model("segnet-xl", num_classes=11)
 
 
 def test_dropout_option_only_active_in_training():
-    model = build_model("segnet", dropout=0.5)
+    model = build_model("segnet", num_classes=11, dropout=0.5)
     x = torch.randn(1, 3, 64, 64)
     model.eval()
     with torch.no_grad():
@@ -150,12 +167,20 @@ def test_vgg16_encoder_init_from_local_file(tmp_path, bn):
     state = _vgg16_state(bn)
     path = tmp_path / "vgg.pth"
     torch.save(state, path)
-    model = build_model("segnet", vgg16_weights=path)
+    model = build_model("segnet", num_classes=11, vgg16_weights=path)
     convs = [k for k in state if k.endswith(".weight") and state[k].ndim == 4]
     assert torch.equal(model.encoders[0][0][0].weight, state[convs[0]])
     assert torch.equal(model.encoders[4][2][0].weight, state[convs[-1]])
     if bn:  # the batch norm right after the last conv: features.40 -> features.41
         assert torch.equal(model.encoders[4][2][1].running_var, state["features.41.running_var"])
+
+
+def test_vgg16_encoder_init_works_for_any_class_count(tmp_path):
+    state = _vgg16_state(True)
+    torch.save(state, tmp_path / "vgg.pth")
+    model = build_model("segnet", num_classes=3, vgg16_weights=tmp_path / "vgg.pth")
+    assert torch.equal(model.encoders[0][0][0].weight, state["features.0.weight"])
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
 
 def test_vgg16_file_with_wrong_shapes_is_refused(tmp_path):
@@ -164,21 +189,21 @@ def test_vgg16_file_with_wrong_shapes_is_refused(tmp_path):
     path = tmp_path / "vgg.pth"
     torch.save(state, path)
     with pytest.raises(SegNetError, match=r"features\.0\.weight has shape \(64, 1, 3, 3\)"):
-        build_model("segnet", vgg16_weights=path)
+        build_model("segnet", num_classes=11, vgg16_weights=path)
 
 
 def test_vgg16_file_with_wrong_keys_is_refused(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.randn(64, 3, 7, 7)}, path)
     with pytest.raises(SegNetError, match="expected the 13 of VGG16"):
-        build_model("segnet", vgg16_weights=path)
+        build_model("segnet", num_classes=11, vgg16_weights=path)
 
 
 def test_vgg16_file_that_pickles_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"features.0.weight": nn.Linear(2, 2)}, path)  # a pickled module, not tensors
     with pytest.raises(SegNetError, match="not a file of plain tensors .it asks to import torch.nn"):
-        build_model("segnet", vgg16_weights=path)
+        build_model("segnet", num_classes=11, vgg16_weights=path)
 
 
 def test_segnet_models_json_cli(segnet_cli):
@@ -195,8 +220,8 @@ def test_recomputed_segnet_trains_exactly_like_the_stored_one():
     """Recomputing the two largest resolutions' blocks in backward saves memory and changes nothing else: same
     outputs, gradients and batch-norm running statistics (which must not count the batch twice)."""
     torch.manual_seed(0)
-    plain = build_model("segnet")
-    recomputing = build_model("segnet", recompute=2)
+    plain = build_model("segnet", num_classes=11)
+    recomputing = build_model("segnet", num_classes=11, recompute=2)
     recomputing.load_state_dict(plain.state_dict())
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 11, (2, 64, 64))
     for model in (plain, recomputing):
@@ -210,7 +235,7 @@ def test_recomputed_segnet_trains_exactly_like_the_stored_one():
 @pytest.mark.parametrize("name", ["segnet", "segnet-basic", "fcn-basic"])
 def test_folded_batch_norm_infers_like_the_model(name):
     torch.manual_seed(0)
-    model = build_model(name)
+    model = build_model(name, num_classes=11)
     with torch.no_grad():  # give batch norm statistics that are not the identity
         model.train()(torch.randn(2, 3, 64, 64))
     model.eval()
@@ -224,4 +249,4 @@ def test_folded_batch_norm_infers_like_the_model(name):
 
 def test_recompute_beyond_the_resolution_levels_is_refused():
     with pytest.raises(SegNetError, match="recompute=6"):
-        build_model("segnet", recompute=6)
+        build_model("segnet", num_classes=11, recompute=6)

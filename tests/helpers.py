@@ -1,0 +1,152 @@
+"""What the tests share: a free port, `segnet` as a user runs it (a new process) or in this process, the
+check of a refused command's one line, waiting for a condition or a server, a process tree, a flipped byte,
+and a pickle that runs code. Fixtures live in the conftest files; these are plain functions."""
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ray Train's controller looks at its workers every 2 s by default, so each run's start, end and worker
+# failure is seen up to 2 s late; the tests' runs are seconds long, so it looks every 0.5 s in the session's
+# Ray and in the commands the tests start. (Not in this process's environment: Ray Train would pass it on to
+# each run's controller as a runtime environment, and idle workers could no longer take those actors.)
+RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1: not a fixed one, as other Ray instances and servers run here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def segnet(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """`segnet ARGS` as a user runs it: a new process with its own console (and its own local Ray unless
+    `env` names RAY_ADDRESS); `env` adds to this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **RAY_TEST_ENV, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def start_segnet(*args, env=None, **popen) -> subprocess.Popen:
+    """`segnet ARGS` started in the background (stdout and stderr piped as text unless `popen` says
+    otherwise), for a test that interrupts it or watches it run; `env` adds to this environment."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        env={**os.environ, **RAY_TEST_ENV, **(env or {})},
+        **popen,
+    )
+
+
+def segnet_here(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`segnet ARGS` in this process, for commands that start nothing (a new Python for each would import
+    torch each time); main() sets the console's variables, so the environment is put back afterwards."""
+    from pipelines import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd_before, env_before = os.getcwd(), dict(os.environ)
+    try:
+        os.chdir(cwd or cwd_before)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(map(str, args)))
+            except SystemExit as e:  # --help and --print-config exit
+                code = e.code or 0
+    finally:
+        os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(env_before)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def error_line(r: subprocess.CompletedProcess, command: str | None = None, only: bool = False) -> str:
+    """What a refused command must end with: exit status 2, no traceback, and a last line on stderr that
+    starts `segnet COMMAND: error: ` (when `command` is given) and is its only line (when `only`).
+    Returns that line, for the test to check what it names."""
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert lines and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not only or len(lines) == 1, r.stderr[-3000:]
+    assert not command or lines[-1].startswith(f"segnet {command}: error: "), lines[-1]
+    return lines[-1]
+
+
+def wait_until(condition, seconds: float, proc: subprocess.Popen | None = None, say=lambda: "", every=0.5):
+    """Ask `condition()` every `every` s until it is true; fails once `seconds` have passed, or as soon as
+    `proc` (the process that should make it true) has exited. `say()` adds to the failure's message."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc is None or proc.poll() is None, f"{proc.args[:4]} exited with {proc.returncode}\n{say()}"
+        assert time.monotonic() < deadline, f"waited {seconds} s\n{say()}"
+        time.sleep(every)
+
+
+def answers(url: str) -> bool:
+    """Whether a server answers at `url` (any HTTP status but a connection refused or timed out)."""
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_url(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until the server process `proc` answers at `url` (fails if it exits first)."""
+    wait_until(lambda: answers(url), seconds, proc, say=lambda: f"{url} did not answer")
+
+
+def process_tree(*pids: int) -> list[int]:
+    """These processes and all their descendants (Ray renames its agents and workers, so their command
+    lines no longer say whose they are: they are found through their parents)."""
+    found, todo = [], list(pids)
+    while todo:
+        found.append(todo.pop())
+        children = subprocess.run(["pgrep", "-P", str(found[-1])], capture_output=True, text=True).stdout
+        todo += [int(p) for p in children.split()]
+    return found
+
+
+def processes_naming(pattern: str) -> list[int]:
+    """The processes whose command line matches `pattern` (pgrep -f), not this one."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+def kill_all(pids) -> None:
+    """SIGKILL each process that is still there."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # gone with its parent
+            os.kill(pid, signal.SIGKILL)
+
+
+def flip_a_byte(location, at: int | None = None) -> None:
+    """Damage a file in place, locally or in a bucket: one byte inverted, at `at` (default the middle)."""
+    from data_prep import storage
+
+    data = bytearray(storage.read_bytes(location))
+    data[len(data) // 2 if at is None else at] ^= 0xFF
+    storage.write_bytes(location, bytes(data))
+
+
+class Code:
+    """A pickle that runs `touch MARKER` when loaded: the marker file shows whether any loader ran it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
