@@ -133,6 +133,23 @@ def kill_all(pids) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def complete_checkpoints(run_dir: Path) -> int:
+    """How many of a run folder's checkpoints are whole (both files have the sha256 meta.json records): one
+    that Ray Train is still uploading is not counted, so a fault injected after it has something to resume."""
+    import hashlib
+    import json
+
+    count = 0
+    for folder in Path(run_dir).glob("checkpoint_*"):
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            files = {"model.pt": meta["weights_sha256"], "optimizer.pt": meta["optimizer_sha256"]}
+            count += all(hashlib.sha256((folder / f).read_bytes()).hexdigest() == h for f, h in files.items())
+        except (OSError, ValueError, KeyError):
+            continue
+    return count
+
+
 def flip_a_byte(location, at: int | None = None) -> None:
     """Damage a file in place, locally or in a bucket: one byte inverted, at `at` (default the middle)."""
     from data_prep import storage

@@ -116,7 +116,15 @@ def resume(model, optimizer, cfg: TrainConfig, rank: int, world: int) -> tuple[i
         return 0, []
     found = kept[-1]
     warn = functools.partial(print, flush=True) if rank == 0 else None
-    used, meta = ckpt_io.restore_newest_good(found, run_dir, model, optimizer, warn)
+    try:
+        used, meta = ckpt_io.restore_newest_good(found, run_dir, model, optimizer, warn)
+    except SegNetError:
+        if checkpoint:  # Ray Train committed it: losing it and every older one is an error
+            raise
+        # Ray Train committed none: what the folder holds is an upload cut short by the worker's death
+        if warn:
+            warn(f"warning: no checkpoint of {run_dir} is whole and Ray Train committed none: from epoch 1")
+        return 0, []
     if rank == 0:
         print(
             f"resuming from the checkpoint of epoch {meta['epoch'] + 1} with {world} workers: {used}",

@@ -113,6 +113,29 @@ def test_a_damaged_checkpoint_in_the_bucket_falls_back_and_a_run_with_none_good_
         ckpt_io.restore_newest_good(remote[1], run_dir, model, optimizer, None)
 
 
+def test_a_run_whose_only_checkpoint_is_cut_short_starts_over_unless_ray_train_committed_it(
+    tmp_path, monkeypatch
+):
+    """A worker killed while Ray Train uploads its first checkpoint leaves a partial folder that Ray never
+    committed: the restarted worker trains from epoch 1 with a warning. Had Ray committed it, it is refused."""
+    import ray.train
+
+    from pipelines.config import TrainConfig
+    from pipelines.train import worker
+
+    (folder,) = _run_with_checkpoints(tmp_path / "runs" / "r", 1)
+    (Path(folder) / "optimizer.pt").unlink()  # not uploaded yet
+    cfg = TrainConfig(data=str(tmp_path), storage_path=str(tmp_path / "runs"), name="r")
+    model, optimizer = _model_and_optimizer(99)
+    committed = []
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: (committed or [None])[0])
+    assert worker.resume(model, optimizer, cfg, rank=0, world=1) == (0, [])
+    assert _same_state(model.state_dict(), _model_and_optimizer(99)[0].state_dict())  # left fresh
+    committed.append(ray.train.Checkpoint.from_directory(folder))
+    with pytest.raises(SegNetError, match="no checkpoint of .* verifies"):
+        worker.resume(model, optimizer, cfg, rank=0, world=1)
+
+
 @pytest.mark.slow
 def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_retrains_from_the_one_before(
     ray_local, shards_4, tmp_path, segnet_cli

@@ -16,7 +16,7 @@ from pipelines.core.checks import check_resources
 from pipelines.evaluate import evaluate
 from pipelines.train.driver import close_run, train
 from segnet import SegNetError
-from tests.helpers import error_line, free_port
+from tests.helpers import complete_checkpoints, error_line, free_port
 
 pytestmark = pytest.mark.slow
 SIZE = "64x96"  # reduced resolution keeps a CPU epoch to seconds
@@ -177,7 +177,7 @@ def test_ddp_gradients_equal_single_process_gradients(shards, tmp_path):
 def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path, train_worker_killer):
     cfg = _cfg(shards, tmp_path, epochs=3, max_failures=1, name="faulty")
     # in epoch 2, once two checkpoints are written (a kill within a second of a report can lose that report)
-    two_checkpoints = lambda: len(list((tmp_path / "runs" / "faulty").glob("checkpoint_*/model.pt"))) >= 2  # noqa: E731
+    two_checkpoints = lambda: complete_checkpoints(tmp_path / "runs" / "faulty") >= 2  # noqa: E731
     with train_worker_killer(two_checkpoints) as killed:
         best = train(cfg)
     assert killed  # a worker really was killed, from the test

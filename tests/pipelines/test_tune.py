@@ -17,7 +17,7 @@ from pipelines.core.plots import legend
 from pipelines.search.tune import tune_search
 from pipelines.tracking import registry
 from segnet import SegNetError
-from tests.helpers import error_line, flip_a_byte, start_segnet, wait_until
+from tests.helpers import complete_checkpoints, error_line, flip_a_byte, start_segnet, wait_until
 
 pytestmark = pytest.mark.slow
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -355,7 +355,7 @@ def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(
         image_size="128x160",
     )
 
-    first_checkpoint = lambda: any((tmp_path / "runs").glob("killed-*/checkpoint_*/model.pt"))  # noqa: E731
+    first_checkpoint = lambda: any(complete_checkpoints(d) for d in (tmp_path / "runs").glob("killed-*"))  # noqa: E731
     with train_worker_killer(first_checkpoint) as killed:
         summary = tune_search(cfg)
     assert killed, "no worker was killed"
