@@ -5,11 +5,13 @@ Ray 2.60 runs Ray Train V2, where a Tuner cannot wrap a TorchTrainer: each trial
 its own TorchTrainer and forwards the reports to Tune with TuneReportCallback (Ray's Train+Tune guide).
 """
 
+import math
 import time
 from dataclasses import replace
 
 from data_prep import storage
 from pipelines.config import TrainConfig, TuneConfig, build
+from pipelines.core import checkpoint as ckpt_io
 from pipelines.core import console
 from pipelines.train.driver import close_run, train
 
@@ -30,7 +32,23 @@ def run_trial(config: dict) -> None:
     cfg = build(TuneConfig, config["search"])
     name = trial_name(config["search_name"], ray.tune.get_context().get_trial_id())
     train_cfg = trial_config(cfg, config["lr"], config["class_weighting"], name, config.get("model"))
-    train(train_cfg, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
+    if not report_finished_run(train_cfg):
+        train(train_cfg, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()])
+
+
+def report_finished_run(cfg: TrainConfig) -> bool:
+    """A trial restored by `segnet tune --resume` whose run had trained every epoch (the search was stopped
+    after the run's end, before Tune recorded it): its last epoch is reported to Tune again, with its
+    checkpoint, and nothing is trained. False for a run with epochs to go."""
+    import ray.tune
+
+    kept = [c for c in ckpt_io.find(storage.join(cfg.storage_path, cfg.name)) if ckpt_io.verifies(c)]
+    meta = ckpt_io.read_meta(kept[-1]) if kept else {"epoch": -1}
+    if meta["epoch"] + 1 < cfg.epochs:
+        return False
+    finite = {k: v for k, v in meta["metrics"].items() if not isinstance(v, float) or math.isfinite(v)}
+    ray.tune.report({**finite, "checkpoint_path": storage.resolve(kept[-1])[1]})  # as TuneReportCallback
+    return True
 
 
 def trial_name(search_name: str, trial_id: str) -> str:

@@ -80,6 +80,10 @@ def tune_search(cfg: TuneConfig, resume: str | None = None, log=print) -> dict:
     results = tuner.fit()
     # stopped by Ctrl-C or SIGTERM (after which Tune may count the stopped trials as terminated)
     if console.SIGTERMED.is_set() or results.num_terminated + results.num_errors < cfg.num_samples:
+        if console.SIGTERMED.is_set():  # Ray stopped first: its workers' last output comes before our line
+            import ray
+
+            ray.shutdown()
         raise SegNetError(
             f"search {name} was interrupted ({results.num_terminated} of {cfg.num_samples} trials finished); "
             f"nothing registered. Continue it with: segnet tune --resume {name} --storage-path {root}"

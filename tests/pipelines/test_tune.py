@@ -339,6 +339,41 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     assert registry.show(uri, "segnet-camvid@champion")["version"] == "1"
 
 
+def test_a_restored_trial_whose_run_trained_every_epoch_reports_its_last_epoch_and_trains_nothing(
+    ray_local, tmp_path
+):
+    """A search stopped between a trial run's end and Tune's record of it restores that trial as unfinished:
+    in a real Tune trial, `report_finished_run` reports the run's last epoch from its newest checkpoint
+    (with that checkpoint's path, as TuneReportCallback does) instead of training it again; a run with
+    epochs to go is left to train."""
+    import torch
+    from ray import tune
+
+    from pipelines.core import checkpoint as ckpt_io
+    from pipelines.search.plan import report_finished_run
+    from segnet import build_model
+
+    model = build_model("segnet-basic", num_classes=11)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = {"epoch": 1, "val_miou": 0.25, "val_bf": float("nan")}
+    folder = tmp_path / "runs" / "t" / "checkpoint_2026-12-02_06-00-00.000000"
+    ckpt_io.save(folder, model, optimizer, 1, {"config": {"model": "segnet-basic"}, "metrics": metrics})
+    cfg = TrainConfig(data=str(tmp_path), storage_path=str(tmp_path / "runs"), name="t")
+
+    def trial(config):
+        trained = not report_finished_run(replace(cfg, epochs=config["epochs"]))
+        tune.report({"trained": trained})
+
+    space = {"epochs": tune.grid_search([2, 3])}
+    run = tune.RunConfig(storage_path=str(tmp_path / "tune"), name="r")
+    results = tune.Tuner(trial, param_space=space, run_config=run).fit()
+    by_epochs = {r.config["epochs"]: r.metrics_dataframe for r in results}
+    finished, unfinished = by_epochs[2], by_epochs[3]
+    assert len(finished) == 2 and finished["val_miou"][0] == 0.25 and finished["trained"][1] == False  # noqa: E712
+    assert finished["checkpoint_path"][0] == str(folder) and "val_bf" not in finished  # NaN is not reported
+    assert len(unfinished) == 1 and unfinished["trained"][0] == True  # noqa: E712
+
+
 def test_a_trial_whose_worker_is_killed_recovers_and_reports_each_epoch_once(
     shards, tmp_path, train_worker_killer
 ):
