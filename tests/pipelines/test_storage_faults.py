@@ -117,7 +117,7 @@ def test_a_run_whose_only_checkpoint_is_cut_short_starts_over_unless_ray_train_c
     tmp_path, monkeypatch
 ):
     """A worker killed while Ray Train uploads its first checkpoint leaves a partial folder that Ray never
-    committed: the restarted worker trains from epoch 1 with a warning. Had Ray committed it, it is refused."""
+    committed: the restarted worker trains from epoch 1 with a warning. Had Ray committed it: refused."""
     import ray.train
 
     from pipelines.config import TrainConfig
