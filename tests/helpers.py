@@ -167,3 +167,18 @@ class Code:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def without_ray(module: str, prog: str) -> str:
+    """`python -c` code that runs `module` as `prog` with Ray, MLflow and albumentations made unimportable,
+    as on the GPU machines."""
+    return f"""
+import runpy, sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {{"ray", "mlflow", "albumentations"}}:
+            raise ImportError(f"{{name}} is not installed on the GPU machines")
+sys.meta_path.insert(0, Missing())
+sys.argv = [{prog!r}] + sys.argv[1:]
+runpy.run_module({module!r}, run_name="__main__")
+"""

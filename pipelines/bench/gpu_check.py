@@ -124,6 +124,19 @@ def step_rows(
     return {"rows": rows, "peak_rates": peaks}
 
 
+def samples_per_s(batches, device, epochs: int = 3) -> float:
+    """Samples/s over `epochs` passes of a device batch iterator, the device synchronised at both ends."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0, n = time.perf_counter(), 0
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        for x, _ in batches:
+            n += len(x)
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
 def input_path(images, labels, device, size, batch: int) -> dict:
     """Augmented samples/s of the device path (resident split), and JPEG decode per CPU core."""
     batches = DeviceBatches(
@@ -136,18 +149,10 @@ def input_path(images, labels, device, size, batch: int) -> dict:
         device=device,
         void=CAMVID.void_index,
     )
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in batches:  # warm-up
         break
-    sync()
-    t0, n = time.perf_counter(), 0
-    for epoch in range(3):
-        batches.set_epoch(epoch)
-        for x, _ in batches:
-            n += len(x)
-    sync()
     return {
-        "device_augment_samples_per_s": n / (time.perf_counter() - t0),
+        "device_augment_samples_per_s": samples_per_s(batches, device),
         "batch_size": batch,
         "augment_size": f"{size[0]}x{size[1]}",
         "resident_bytes": batches.images.numel() + batches.labels.numel(),
@@ -172,16 +177,8 @@ def streamed_input(images, labels, device, size, batch: int) -> dict:
         device=device,
         void=CAMVID.void_index,
     )
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0, n = time.perf_counter(), 0
-    for epoch in range(3):
-        batches.set_epoch(epoch)
-        for x, _ in batches:
-            n += len(x)
-    sync()
     return {
-        "streamed_samples_per_s": n / (time.perf_counter() - t0),
+        "streamed_samples_per_s": samples_per_s(batches, device),
         "chunk_samples": batches.chunk_samples,
         "split_bytes": need,
         "pinned": device.type == "cuda",

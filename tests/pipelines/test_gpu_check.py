@@ -6,18 +6,10 @@ from pathlib import Path
 import pytest
 
 from data_prep.compact import write_compact
+from tests.helpers import without_ray
 
 # Runs the check with Ray, MLflow and albumentations made unimportable, as on the GPU machines.
-WITHOUT_RAY = """
-import runpy, sys
-class Missing:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"ray", "mlflow", "albumentations"}:
-            raise ImportError(f"{name} is not installed on the GPU machines")
-sys.meta_path.insert(0, Missing())
-sys.argv = ["gpu-check"] + sys.argv[1:]
-runpy.run_module("pipelines.bench.gpu_check", run_name="__main__")
-"""
+WITHOUT_RAY = without_ray("pipelines.bench.gpu_check", "gpu-check")
 
 
 @pytest.mark.slow

@@ -9,18 +9,10 @@ import pytest
 from data_prep.compact import write_compact
 from pipelines.bench import gpu_table1
 from segnet.paper import PAPER_TABLE1
+from tests.helpers import without_ray
 
 # `make gpu-table1`'s module with Ray, MLflow and albumentations made unimportable, as on the GPU machines.
-WITHOUT_RAY = """
-import runpy, sys
-class Missing:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"ray", "mlflow", "albumentations"}:
-            raise ImportError(f"{name} is not installed on the GPU machines")
-sys.meta_path.insert(0, Missing())
-sys.argv = ["gpu-table1"] + sys.argv[1:]
-runpy.run_module("pipelines.bench.gpu_table1", run_name="__main__")
-"""
+WITHOUT_RAY = without_ray("pipelines.bench.gpu_table1", "gpu-table1")
 
 
 @pytest.fixture
