@@ -142,4 +142,11 @@ def eval_loader(
     transform = eval_transform(*size)
     ds = ShardDataset(shard_dir, split, transform, resize_label=False, verify=False, manifest=manifest)
     part = torch.utils.data.Subset(ds, range(rank, len(ds), world))
-    return DataLoader(part, batch_size=batch_size, num_workers=workers)
+    return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval)
+
+
+def collate_eval(batch):
+    """Images (all at the evaluation size) stacked; labels stacked when they share a size, else a list:
+    each label of a split of mixed sizes is scored at its own size."""
+    images, labels = torch.stack([x for x, _ in batch]), [y for _, y in batch]
+    return images, torch.stack(labels) if len({y.shape for y in labels}) == 1 else labels

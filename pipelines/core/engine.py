@@ -108,19 +108,31 @@ def evaluate(
     examples = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     for x, y in batches:
-        xf, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
+        xf = _inputs(x, device, channels_last)
         with autocast:
             out = model(xf).float() if samples == 1 else mc_softmax(model, xf, samples, mc_batch)
-        if out.shape[-2:] != y.shape[-2:]:  # logits, or the mean softmax: both upsample bilinearly
-            out = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        pred = out.argmax(1)
-        if samples == 1:
-            meter.update(pred, y)
-        else:
-            meter.update(pred, y, out, normalised_entropy(out))
-        for i in range(min(keep - len(examples), len(x))):
-            examples.append((_as_uint8(x[i]).cpu(), pred[i].cpu(), y[i].cpu()))
+        first = 0
+        for scored, labels in _at_label_size(out, y, device):
+            pred = scored.argmax(1)
+            if samples == 1:
+                meter.update(pred, labels)
+            else:
+                meter.update(pred, labels, scored, normalised_entropy(scored))
+            for i in range(min(keep - len(examples), len(labels))):
+                examples.append((_as_uint8(x[first + i]).cpu(), pred[i].cpu(), labels[i].cpu()))
+            first += len(labels)
     return meter, examples
+
+
+def _at_label_size(out, y, device):
+    """(output, labels) on the device, the output (logits or the mean softmax) upsampled bilinearly to the
+    labels' size: the whole batch at once, or an image at a time when labels of mixed sizes come as a list."""
+    parts = [(out, y)] if torch.is_tensor(y) else [(out[i : i + 1], t[None]) for i, t in enumerate(y)]
+    for o, t in parts:
+        t = t.to(device, non_blocking=True)
+        if o.shape[-2:] != t.shape[-2:]:
+            o = F.interpolate(o, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        yield o, t
 
 
 def _as_uint8(x: torch.Tensor) -> torch.Tensor:

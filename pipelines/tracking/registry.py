@@ -261,9 +261,21 @@ def move_champion(c, name: str) -> tuple[str | None, str, Callable[[str], float]
         current = champion_version(c, name)
         before = current if before is ... else before
         if current != winner:
-            c.set_registered_model_alias(name, CHAMPION, winner)
+            try:
+                c.set_registered_model_alias(name, CHAMPION, winner)
+            except MlflowException as e:
+                if not _created_at_once(e):
+                    raise
+                continue  # another registration created the alias at this instant: read it and decide again
         if decided(complete()) == decided(seen):
             return before, winner, score
+
+
+def _created_at_once(e: MlflowException) -> bool:
+    """Whether setting the alias failed because another writer created it at the same instant (the store's
+    unique key on the alias: sqlite and Postgres say "unique constraint", MySQL "duplicate entry")."""
+    text = str(e).lower()
+    return "unique constraint" in text or "duplicate entry" in text
 
 
 def champion_version(c, name: str) -> str | None:

@@ -95,3 +95,25 @@ def test_compiled_model_matches_eager_and_compiles_a_bounded_number_of_times():
     after_first = epoch(0)
     assert 1 <= after_first - graphs + 1 <= 4  # train, eval, eval's last batch (and a guard on the mode)
     assert epoch(1) == after_first  # no recompile per step or per epoch
+
+
+def test_labels_of_mixed_sizes_are_each_scored_at_their_own_size():
+    """A validation batch whose labels differ in size (collate_eval gives them as a list) scores the same
+    confusion matrix and keeps the same examples as the images evaluated one at a time."""
+    from data_prep.augment import collate_eval
+
+    torch.manual_seed(0)
+    model = build_model("segnet-basic", num_classes=3).eval()
+    samples = [
+        (torch.randint(0, 255, (3, 32, 48), dtype=torch.uint8), torch.randint(0, 4, (h, w)))
+        for h, w in ((32, 48), (40, 64), (24, 30))
+    ]
+    batch = collate_eval(samples)
+    assert isinstance(batch[1], list)
+    cpu = torch.device("cpu")
+    together, kept = engine.evaluate(model, [batch], cpu, 3, keep=3)
+    alone, kept_alone = engine.evaluate(model, [collate_eval([s]) for s in samples], cpu, 3, keep=3)
+    assert torch.equal(together.matrix, alone.matrix) and torch.equal(together.bf_sum, alone.bf_sum)
+    assert together.matrix.sum() == sum(int((y < 3).sum()) for _, y in samples)  # every non-void pixel
+    assert [tuple(p.shape) for _, p, _ in kept] == [(32, 48), (40, 64), (24, 30)]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(kept, kept_alone))

@@ -48,9 +48,9 @@ def make_inspection(root: Path) -> Path:
         for folder in ("images", "masks"):
             (root / folder / split).mkdir(parents=True)
         for i in range(count):
-            # two sizes in the training split (its loader crops each to the training size); one in the others,
-            # whose batches keep each label at its size (docs/data.md: mixed sizes there need a batch of 1)
-            image, label = scene(i, 40 + 8 * (i % 2) * (split == "train"), 64, 3)
+            # two sizes in every split: training crops each to the training size, and a validation or test
+            # batch of two scores each label at its own size
+            image, label = scene(i, 40 + 8 * (i % 2), 64, 3)
             Image.fromarray(image).save(root / "images" / split / f"{split}{i}.jpg", quality=95)
             Image.fromarray(palette[label]).save(root / "masks" / split / f"{split}{i}.png")
     classes = "\n".join(f"  - {{name: {n}, color: {c}}}" for n, c in INSPECTION.items())

@@ -95,3 +95,33 @@ def test_a_driver_killed_while_registering_leaves_champion_on_a_complete_version
         third = register_seeded(mlflow_server, name, 3, 0.7, tmp_path)
         assert not third["champion"]
         assert registry.show(mlflow_server, f"{name}@champion")["version"] == "2"
+
+
+def test_an_alias_another_registration_created_at_the_same_instant_is_read_again(
+    mlflow_server, register_seeded, tmp_path, monkeypatch
+):
+    """The server's unique key on the alias refuses the second of two first-ever alias writes (seen in a
+    full run: sqlite's "UNIQUE constraint failed"). That writer reads the alias again and decides anew, so
+    champion still ends on the better version, instead of the registration failing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    register_seeded(mlflow_server, "created-at-once", 1, 0.5, tmp_path)
+    register_seeded(mlflow_server, "created-at-once", 2, 0.7, tmp_path)
+    c = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    c.delete_registered_model_alias("created-at-once", "champion")
+    real, calls = MlflowClient.set_registered_model_alias, []
+
+    def raced(self, name, alias, version):  # the other writer's alias lands first, on the worse version
+        calls.append(version)
+        if len(calls) == 1:
+            real(self, name, alias, "1")
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases"
+            )
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", raced)
+    before, winner, _ = registry.move_champion(c, "created-at-once")
+    assert winner == "2" and calls == ["2", "2"]
+    assert registry.show(mlflow_server, "created-at-once@champion")["version"] == "2"
