@@ -127,14 +127,19 @@ class DeviceBatches:
         device="cpu",
         void: int | None = None,
     ):
-        images, labels = torch.as_tensor(np.asarray(images)), torch.as_tensor(np.asarray(labels))
-        if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:3]:
-            raise SegNetError(
-                f"device batches need images (N, H, W, 3) and labels (N, H, W) of one size, got "
-                f"{tuple(images.shape)} and {tuple(labels.shape)}"
-            )
+        images = torch.as_tensor(np.asarray(images))
+        self.ragged = isinstance(labels, list) and augment is None  # evaluation's labels, each its own size
+        if self.ragged and len(labels) == len(images) and images.ndim == 4 and images.shape[-1] == 3:
+            self.labels = [torch.as_tensor(y).to(device) for y in labels]
+        else:
+            labels = torch.as_tensor(np.asarray(labels))
+            if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:3]:
+                raise SegNetError(
+                    f"device batches need images (N, H, W, 3) and labels (N, H, W) of one size, got "
+                    f"{tuple(images.shape)} and {tuple(labels.shape)}"
+                )
+            self.labels = labels.to(device)
         self.images = images.to(device).permute(0, 3, 1, 2).contiguous()
-        self.labels = labels.to(device)
         self.batch_size, self.size, self.augment = batch_size, tuple(size), augment
         self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
         self.epoch, self.void = 0, void
@@ -147,19 +152,23 @@ class DeviceBatches:
     ) -> "DeviceBatches":
         """Read a split of the shards (already verified) into memory, then onto the device; `manifest`,
         if the caller has read it already."""
+        import cv2
+
         from data_prep.shards import ShardReader, dataset_of
 
         reader = ShardReader(shard_dir, split, verify=False, manifest=manifest)
         kw.setdefault("void", dataset_of(reader.manifest).void_index)
         samples = [reader[i] for i in range(len(reader))]
-        shapes = {s["label"].shape for s in samples}
-        if len(shapes) > 1:
-            raise SegNetError(
-                f"{shard_dir} split {split!r} mixes image sizes {sorted(shapes)}: the device input path "
-                "needs one size; use --input loader"
-            )
-        images = np.stack([s["image"] for s in samples])
-        labels = np.stack([s["label"] for s in samples])
+        if len({s["label"].shape for s in samples}) == 1:
+            images, labels = np.stack([s["image"] for s in samples]), np.stack([s["label"] for s in samples])
+            return cls(images, labels, batch_size, size, **kw)
+        # Mixed sizes: each image is brought to the training size here, once, as the loader path's first
+        # step does per sample; training labels follow (nearest), evaluation's stay at their own size.
+        h, w = size
+        images = np.stack([cv2.resize(s["image"], (w, h), interpolation=cv2.INTER_LINEAR) for s in samples])
+        if kw.get("augment") is None:
+            return cls(images, [s["label"] for s in samples], batch_size, size, **kw)
+        labels = np.stack([cv2.resize(s["label"], (w, h), interpolation=cv2.INTER_NEAREST) for s in samples])
         return cls(images, labels, batch_size, size, **kw)
 
     def set_epoch(self, epoch: int) -> None:
@@ -183,7 +192,11 @@ class DeviceBatches:
         g.manual_seed(1_000_003 * (self.seed + 1) + 7919 * self.epoch + self.rank)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            images, labels = self.images[idx], self.labels[idx]
+            images = self.images[idx]
+            if self.ragged:
+                yield resize_batch(images, self.size), [self.labels[i].long() for i in idx.tolist()]
+                continue
+            labels = self.labels[idx]
             if self.augment is not None:
                 yield augment_batch(images, labels, self.augment, g, self.void)
             else:

@@ -81,14 +81,15 @@ def test_a_budget_without_room_for_a_batch_is_refused():
         streamed(budget=7 * SAMPLE_BYTES)
 
 
-def write_shards(folder, rows=(8, 8, 4)):
-    """A split `train` of synthetic samples as shards + manifest, without Ray."""
-    data, shards, start = samples(sum(rows)), [], 0
+def write_shards(folder, rows=(8, 8, 4), data=None):
+    """A split `train` of synthetic samples (`data`, default `samples`) as shards + manifest, without Ray."""
+    data, shards, start = data or samples(sum(rows)), [], 0
     for k, n in enumerate(rows):
         file = f"train-{k:05d}.arrow"
         with ipc.new_file(str(folder / file), SCHEMA) as writer:
             for s in data[start : start + n]:
-                columns = [["x"], [s["image"].tobytes()], [s["label"].tobytes()], [SIDE], [SIDE], [""], [""]]
+                h, w = s["label"].shape
+                columns = [["x"], [s["image"].tobytes()], [s["label"].tobytes()], [h], [w], [""], [""]]
                 writer.write_batch(pa.record_batch(columns, schema=SCHEMA))
         shards.append({"file": file, "rows": n, "sha256": sha256_file(folder / file)})
         start += n
@@ -105,3 +106,23 @@ def test_auto_streams_a_split_over_the_budget_and_says_why(tmp_path):
     assert "does not fit" in lines[0] and lines[0].endswith(": streamed")
     assert "fits" in lines[1] and lines[1].endswith(": resident")
     assert sorted(i for x, _ in over for i in ids(x)) == list(range(20))
+
+
+def test_a_resident_split_of_mixed_sizes_trains_at_the_training_size_and_is_scored_at_its_own(tmp_path):
+    """Images of two sizes: training batches come at the training size (labels resized by nearest
+    neighbour, every sample once an epoch); evaluation batches give each label at its own size, as a list."""
+    sizes = [(8, 8), (12, 10)] * 3
+    data = [
+        {"image": np.full((h, w, 3), i, np.uint8), "label": np.full((h, w), i % 3, np.uint8)}
+        for i, (h, w) in enumerate(sizes)
+    ]
+    write_shards(tmp_path, rows=(6,), data=data)
+    train = DeviceBatches.from_shards(tmp_path, "train", 2, (SIDE, SIDE), augment=IDENTITY)
+    batches = list(train)
+    assert all(x.shape == (2, 3, SIDE, SIDE) and y.shape == (2, SIDE, SIDE) for x, y in batches)
+    assert sorted(i for x, _ in batches for i in ids(x)) == list(range(6))
+    assert all((y == torch.tensor(ids(x))[:, None, None] % 3).all() for x, y in batches)
+    val = list(DeviceBatches.from_shards(tmp_path, "train", 4, (SIDE, SIDE)))
+    assert [x.shape[-2:] for x, _ in val] == [(SIDE, SIDE)] * 2
+    assert [tuple(y.shape) for _, ys in val for y in ys] == sizes
+    assert [int(y.max()) for _, ys in val for y in ys] == [i % 3 for i in range(6)]
