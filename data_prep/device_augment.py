@@ -129,16 +129,16 @@ class DeviceBatches:
     ):
         images = torch.as_tensor(np.asarray(images))
         self.ragged = isinstance(labels, list) and augment is None  # evaluation's labels, each its own size
-        if self.ragged and len(labels) == len(images) and images.ndim == 4 and images.shape[-1] == 3:
-            self.labels = [torch.as_tensor(y).to(device) for y in labels]
-        else:
+        if not self.ragged:
             labels = torch.as_tensor(np.asarray(labels))
-            if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:3]:
-                raise SegNetError(
-                    f"device batches need images (N, H, W, 3) and labels (N, H, W) of one size, got "
-                    f"{tuple(images.shape)} and {tuple(labels.shape)}"
-                )
-            self.labels = labels.to(device)
+        label_shapes = len(labels) == len(images) if self.ragged else labels.shape == images.shape[:3]
+        if images.ndim != 4 or images.shape[-1] != 3 or not label_shapes:
+            got = len(labels) if self.ragged else tuple(labels.shape)
+            raise SegNetError(
+                f"device batches need images (N, H, W, 3) and labels (N, H, W) of one size, got "
+                f"{tuple(images.shape)} and {got}"
+            )
+        self.labels = [torch.as_tensor(y).to(device) for y in labels] if self.ragged else labels.to(device)
         self.images = images.to(device).permute(0, 3, 1, 2).contiguous()
         self.batch_size, self.size, self.augment = batch_size, tuple(size), augment
         self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
