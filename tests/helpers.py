@@ -28,15 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def joined_ray() -> dict:
+    """What has a command join the Ray this process started (the session's), when one is running: its
+    address, and Ray Train's preemption watcher off as in that Ray. A local Ray of its own costs a command
+    5 to 30 s here to start, fill with fresh workers and stop. Empty when none is running."""
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        return {}
+    address = sys.modules["ray"].get_runtime_context().gcs_address
+    return {"RAY_ADDRESS": address, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def segnet(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """`segnet ARGS` as a user runs it: a new process with its own console (and its own local Ray unless
-    `env` names RAY_ADDRESS); `env` adds to this environment."""
+    """`segnet ARGS` as a user runs it: a new process with its own console, joined to the session's Ray
+    when one is running (`joined_ray`) unless `env` names RAY_ADDRESS (`""`: a local Ray of its own, for a
+    command whose workers need its environment); `env` adds to this environment."""
+    env = env or {}
+    ray = {} if "RAY_ADDRESS" in env else joined_ray()
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, **RAY_TEST_ENV, **(env or {})},
+        env={**os.environ, **RAY_TEST_ENV, **ray, **env},
         timeout=timeout,
     )
 

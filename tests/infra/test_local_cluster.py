@@ -60,9 +60,11 @@ def cluster(s3):
         yield started
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def own_cluster(s3):
-    """A cluster of the test's own, for a test that kills a node or stops it."""
+    """A cluster apart from `cluster`, for the tests that kill a node or stop it: the elastic run (which
+    kills the worker node and starts it again), then the stop (which must stop it all, the restarted node
+    included). One start and stop of a cluster costs about 40 s here."""
     with _local_cluster(s3) as started:
         yield started
 
@@ -91,20 +93,6 @@ def _bucket_files(uri: str) -> list[str]:
     fs, path = storage.resolve(uri)
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return [f.path[len(path) + 1 :] for f in found if f.type == pafs.FileType.File]
-
-
-def test_stop_leaves_no_process_behind(own_cluster):
-    state = own_cluster["state"]
-    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout  # running now
-    subprocess.run([str(SCRIPT), "stop"], env=own_cluster["script"], check=True, timeout=120)
-    time.sleep(1)
-    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout == b""
-    assert (
-        subprocess.run(
-            ["pgrep", "-f", f"mlflow server.*{own_cluster['mlflow_port']}"], capture_output=True
-        ).stdout
-        == b""
-    )
 
 
 def _node_processes(state: str, node: str) -> list[int]:
@@ -218,6 +206,22 @@ def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(
     assert run.info.status == "FINISHED"
     resizes = {k: v for k, v in run.data.tags.items() if k.startswith("resize.")}
     assert resizes == {f"resize.epoch_{shrink}": "2->1", f"resize.epoch_{grow}": "1->2"}
+
+
+# After the elastic run, on its cluster.
+def test_stop_leaves_no_process_behind(own_cluster):
+    """After the elastic run (so a node that was killed and started again): `stop` ends every process."""
+    state = own_cluster["state"]
+    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout  # running now
+    subprocess.run([str(SCRIPT), "stop"], env=own_cluster["script"], check=True, timeout=120)
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", state], capture_output=True).stdout == b""
+    assert (
+        subprocess.run(
+            ["pgrep", "-f", f"mlflow server.*{own_cluster['mlflow_port']}"], capture_output=True
+        ).stdout
+        == b""
+    )
 
 
 # Last in the module: its cluster (module scope) is then not running beside the others' own.

@@ -72,7 +72,7 @@ def test_a_search_with_its_state_and_its_mlflow_servers_artifacts_in_a_flaky_buc
     start_mlflow(tmp_path / "mlflow", port, env={**os.environ, **boto}, artifacts=artifacts)
     uri = f"http://127.0.0.1:{port}"
     args = ["tune", "--data", bucket_shards, "--storage-path", runs, "--name", "fs", "--num-samples", "2"]
-    args += ["--max-concurrent", "1", "--scheduler", "fifo", "--epochs", "1", "--image-size", "48x64"]
+    args += ["--max-concurrent", "2", "--scheduler", "fifo", "--epochs", "1", "--image-size", "48x64"]
     args += ["--batch-size", "2", "--loader-workers", "0", "--mlflow-uri", uri, "--json"]
     try:
         own_ray = {"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""}  # its workers use the proxy

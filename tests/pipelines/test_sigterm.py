@@ -52,7 +52,7 @@ def test_sigterm_keeps_the_last_checkpoint_exits_with_one_line_and_resume_contin
     epochs_kept = {json.loads((run / c.rsplit("/", 1)[1] / "meta.json").read_text())["epoch"] for c in kept}
     run_id = json.loads((run / "segnet_run.json").read_text())["mlflow_run_id"]
     assert mlflow.MlflowClient(db).get_run(run_id).info.status == "KILLED"
-    r = segnet_cli("train", *args, "--resume", "sig", "--epochs", "6", "--json", cwd=tmp_path, env=own_ray)
+    r = segnet_cli("train", *args, "--resume", "sig", "--epochs", "6", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     # from a kept checkpoint (the newest that Ray Train had committed: one being reported when the signal
     # came may be newer), to the run's 6 epochs, each once in its history and in MLflow
@@ -92,7 +92,7 @@ def test_tune_on_sigterm_keeps_the_trials_checkpoint_exits_with_one_line_and_res
     assert kept and ckpt_io.verifies(kept[-1]), "the trial's last checkpoint went with the search"
     client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)  # not a registry an earlier test set
     assert not client.search_registered_models(), "an interrupted search registered a model"
-    r = segnet_cli("tune", "--resume", "st", "--storage-path", runs, "--json", cwd=tmp_path, env=own_ray)
+    r = segnet_cli("tune", "--resume", "st", "--storage-path", runs, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["registered"]["version"] == "1"
     resumed = re.search(r"resuming from the checkpoint of epoch (\d+)", r.stdout + r.stderr)
