@@ -208,7 +208,6 @@ def test_elastic_run_loses_a_node_mid_epoch_continues_and_grows_back(
     assert resizes == {f"resize.epoch_{shrink}": "2->1", f"resize.epoch_{grow}": "1->2"}
 
 
-# After the elastic run, on its cluster.
 def test_stop_leaves_no_process_behind(own_cluster):
     """After the elastic run (so a node that was killed and started again): `stop` ends every process."""
     state = own_cluster["state"]

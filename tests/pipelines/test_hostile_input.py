@@ -132,8 +132,7 @@ def test_prepare_cli_exits_2_with_one_line_and_writes_nothing(
     fragment = _hostile_camvid(source, outside, how, png_declaring)
     before = {"source": _tree(source), "outside": _tree(outside)}
     out = tmp_path / "out"
-    joined = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # not a Ray per command
-    r = segnet_cli("prepare", "--source", source, "--out", out, "--shard-size", "1", env=joined, cwd=tmp_path)
+    r = segnet_cli("prepare", "--source", source, "--out", out, "--shard-size", "1", cwd=tmp_path)
     _refused(r, "prepare", fragment)
     assert not out.exists() or list(out.iterdir()) == []  # no manifest, no shard, no temporary file
     assert {"source": _tree(source), "outside": _tree(outside)} == before
