@@ -4,6 +4,7 @@ and a pickle that runs code. Fixtures live in the conftest files; these are plai
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -28,40 +29,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def joined_ray() -> dict:
+def joined_ray(worker_env: dict | None = None) -> dict:
     """What has a command join the Ray this process started (the session's), when one is running: its
     address, and Ray Train's preemption watcher off as in that Ray. A local Ray of its own costs a command
-    5 to 30 s here to start, fill with fresh workers and stop. Empty when none is running."""
+    5 to 30 s here to start, fill with fresh workers and stop. Empty when none is running.
+
+    `worker_env`: variables the command's Ray workers get instead of the session's (as `ray job submit
+    --runtime-env` hands a driver its job's runtime environment, through the variable Ray reads for it)."""
     if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
         return {}
     address = sys.modules["ray"].get_runtime_context().gcs_address
-    return {"RAY_ADDRESS": address, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    joined = {"RAY_ADDRESS": address, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    if worker_env:
+        joined["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"runtime_env": {"env_vars": worker_env}})
+    return joined
 
 
-def segnet(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """`segnet ARGS` as a user runs it: a new process with its own console, joined to the session's Ray
-    when one is running (`joined_ray`) unless `env` names RAY_ADDRESS (`""`: a local Ray of its own, for a
-    command whose workers need its environment); `env` adds to this environment."""
+def _environment(env: dict | None, worker_env: dict | None) -> dict:
+    """A command's environment: this one, the tests' Ray settings, the session's Ray joined unless `env`
+    names RAY_ADDRESS (`""`: a local Ray of its own), then `env`."""
     env = env or {}
-    ray = {} if "RAY_ADDRESS" in env else joined_ray()
+    ray = {} if "RAY_ADDRESS" in env else joined_ray(worker_env)
+    return {**os.environ, **RAY_TEST_ENV, **ray, **env}
+
+
+def segnet(*args, cwd=None, env=None, worker_env=None, timeout=600) -> subprocess.CompletedProcess:
+    """`segnet ARGS` as a user runs it: a new process with its own console, joined to the session's Ray
+    when one is running (`joined_ray`, its workers given `worker_env`) unless `env` names RAY_ADDRESS
+    (`""`: a local Ray of its own); `env` adds to this environment."""
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, **RAY_TEST_ENV, **ray, **env},
+        env=_environment(env, worker_env),
         timeout=timeout,
     )
 
 
-def start_segnet(*args, env=None, **popen) -> subprocess.Popen:
+def start_segnet(*args, env=None, worker_env=None, **popen) -> subprocess.Popen:
     """`segnet ARGS` started in the background (stdout and stderr piped as text unless `popen` says
-    otherwise), for a test that interrupts it or watches it run; `env` adds to this environment."""
+    otherwise), for a test that interrupts it or watches it run; its Ray as `segnet`'s."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        env={**os.environ, **RAY_TEST_ENV, **(env or {})},
-        **popen,
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)], env=_environment(env, worker_env), **popen
     )
 
 

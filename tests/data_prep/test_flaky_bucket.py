@@ -79,13 +79,14 @@ def test_a_bucket_that_stays_down_is_one_line_naming_the_uri_in_bounded_time(fla
     assert flaky.counts["slowdown"] >= storage.S3_ATTEMPTS
 
 
-def test_prepare_into_a_flaky_bucket_writes_every_shard_once(flaky, s3, small_camvid, tmp_path, segnet_cli):
-    """`segnet prepare --out s3://` with its own Ray, whose workers write the shards through the proxy."""
+def test_prepare_into_a_flaky_bucket_writes_every_shard_once(
+    flaky, s3, ray_local, small_camvid, tmp_path, segnet_cli
+):
+    """`segnet prepare --out s3://` in the session's Ray, whose workers write the shards through the proxy."""
     out = f"{s3['bucket']}/flaky/prepared"
-    env = {"AWS_ENDPOINT_URL": flaky.url, "RAY_ADDRESS": ""}
-    r = segnet_cli(
-        "prepare", "--source", small_camvid, "--out", out, "--shard-size", "1", env=env, cwd=tmp_path
-    )
+    proxy = {"AWS_ENDPOINT_URL": flaky.url}  # the command's and its workers' endpoint
+    args = ["prepare", "--source", small_camvid, "--out", out, "--shard-size", "1"]
+    r = segnet_cli(*args, env=proxy, worker_env=proxy, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     os.environ["AWS_ENDPOINT_URL"] = s3["env"]["AWS_ENDPOINT_URL"]
     manifest = read_manifest(out)

@@ -33,13 +33,14 @@ def test_train_and_resume_through_a_flaky_bucket_complete_and_lose_or_repeat_no_
     common = ["--mlflow-uri", db, "--json"]
     train = ["train", "--data", shards, "--storage-path", runs, "--image-size", "48x64", "--batch-size", "2"]
     train += ["--workers", "1", "--loader-workers", "0", "--name", "f1", "--epochs", "2", *common]
-    env = {"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""}  # its own Ray, whose workers use the proxy
+    # the command and its Ray workers (in the session's Ray) reach the store through the proxy
+    env, workers = {"AWS_ENDPOINT_URL": proxy.url}, {"AWS_ENDPOINT_URL": proxy.url}
     try:
-        first = segnet_cli(*train, cwd=tmp_path, env=env)
+        first = segnet_cli(*train, cwd=tmp_path, env=env, worker_env=workers)
         assert first.returncode == 0, first.stderr[-3000:]
         faults_first = sum(proxy.counts.values())
         resume = ["train", "--resume", f"{runs}/f1", "--epochs", "3", *common]
-        resumed = segnet_cli(*resume, cwd=tmp_path, env=env)
+        resumed = segnet_cli(*resume, cwd=tmp_path, env=env, worker_env=workers)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     finally:
         proxy.close()
@@ -75,8 +76,8 @@ def test_a_search_with_its_state_and_its_mlflow_servers_artifacts_in_a_flaky_buc
     args += ["--max-concurrent", "2", "--scheduler", "fifo", "--epochs", "1", "--image-size", "48x64"]
     args += ["--batch-size", "2", "--loader-workers", "0", "--mlflow-uri", uri, "--json"]
     try:
-        own_ray = {"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""}  # its workers use the proxy
-        r = segnet_cli(*args, cwd=tmp_path, env=own_ray, timeout=900)
+        through = {"AWS_ENDPOINT_URL": proxy.url}  # the command and its Ray workers use the proxy
+        r = segnet_cli(*args, cwd=tmp_path, env=through, worker_env=through, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads(r.stdout)["registered"]["name"] == "segnet-camvid"
         client = mlflow.MlflowClient(uri)
