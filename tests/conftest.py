@@ -27,8 +27,9 @@ def camvid_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def segnet_cli(tmp_path_factory):
-    """`segnet_cli(*ARGS, cwd=, env=, timeout=)`: helpers.segnet (`segnet ARGS` in a new process, as a user
-    runs it), with the library log files in a folder of the session, not the user's ~/.cache/segnet/logs."""
+    """`segnet_cli(*ARGS, cwd=, env=, worker_env=, timeout=)`: helpers.segnet (`segnet ARGS` in a new
+    process, as a user runs it), with the library log files in a folder of the session, not the user's
+    ~/.cache/segnet/logs."""
     logs = {"SEGNET_LOG_DIR": str(tmp_path_factory.mktemp("segnet-logs"))}
 
     def run(*args, env=None, **kw) -> subprocess.CompletedProcess:

@@ -34,13 +34,13 @@ def test_train_and_resume_through_a_flaky_bucket_complete_and_lose_or_repeat_no_
     train = ["train", "--data", shards, "--storage-path", runs, "--image-size", "48x64", "--batch-size", "2"]
     train += ["--workers", "1", "--loader-workers", "0", "--name", "f1", "--epochs", "2", *common]
     # the command and its Ray workers (in the session's Ray) reach the store through the proxy
-    env, workers = {"AWS_ENDPOINT_URL": proxy.url}, {"AWS_ENDPOINT_URL": proxy.url}
+    through = {"AWS_ENDPOINT_URL": proxy.url}
     try:
-        first = segnet_cli(*train, cwd=tmp_path, env=env, worker_env=workers)
+        first = segnet_cli(*train, cwd=tmp_path, env=through, worker_env=through)
         assert first.returncode == 0, first.stderr[-3000:]
         faults_first = sum(proxy.counts.values())
         resume = ["train", "--resume", f"{runs}/f1", "--epochs", "3", *common]
-        resumed = segnet_cli(*resume, cwd=tmp_path, env=env, worker_env=workers)
+        resumed = segnet_cli(*resume, cwd=tmp_path, env=through, worker_env=through)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     finally:
         proxy.close()
