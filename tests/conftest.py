@@ -99,6 +99,8 @@ def ray_local(s3):
     worker start concurrency, no preemption watcher), with the workers' output kept out of pytest's."""
     import ray
 
+    if ray.is_initialized():  # one an in-process call of an earlier test started on its own
+        ray.shutdown()
     _start_session_ray()
     yield ray
     ray.shutdown()

@@ -15,6 +15,8 @@ from pathlib import Path
 VERBOSE = "SEGNET_VERBOSE"
 LOG_FILE = "SEGNET_LOG_FILE"  # where MLflow's lines go; set once per command, inherited by Ray workers
 LOG_DIR = "SEGNET_LOG_DIR"  # the folder of those files, ~/.cache/segnet/logs unless set
+BAR = "SEGNET_PROGRESS_BAR"  # "0": the driver's stderr is no terminal (a log file, CI), so no bar is drawn
+LINE_EVERY_S = 60.0  # then a long epoch says how far it is in a line this often
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "mlflow", "alembic", "urllib3")
 
@@ -57,6 +59,8 @@ def library_log() -> Path | None:
 def setup(is_verbose: bool = False) -> None:
     """On the driver: quiet libraries unless verbose; the setting travels to Ray workers by environment."""
     os.environ[VERBOSE] = "1" if is_verbose else "0"
+    # a bar redrawn in a file is one line per redraw and a line of blanks per clearing
+    os.environ[BAR] = "1" if sys.stderr.isatty() else "0"
     # Ray holds back worker lines that differ only in numbers from another worker's and prints them later
     # as "[repeated 2x across cluster]": that would swallow the epoch lines of trials running side by side.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -93,11 +97,15 @@ def quiet_worker() -> None:
 
 
 @contextlib.contextmanager
-def progress(total: int, desc: str, enabled: bool = True):
+def progress(total: int, desc: str, enabled: bool = True, every_s: float = LINE_EVERY_S):
     """A progress bar with images/s and ETA, from inside a Ray worker: Ray's tqdm_ray draws it on the
-    driver's console. Yields `advance(n)`; a no-op where disabled (ranks other than 0)."""
+    driver's console. Where that is no terminal (SEGNET_PROGRESS_BAR=0), a line every `every_s` instead.
+    Yields `advance(n)`; a no-op where disabled (ranks other than 0)."""
     if not enabled:
         yield lambda n: None
+        return
+    if os.environ.get(BAR) == "0":
+        yield _progress_lines(total, desc, every_s)
         return
     from ray.experimental.tqdm_ray import tqdm
 
@@ -106,6 +114,25 @@ def progress(total: int, desc: str, enabled: bool = True):
         yield bar.update
     finally:
         bar.close()
+
+
+def _progress_lines(total: int, desc: str, every_s: float):
+    """`advance(n)` that prints "DESC: N/TOTAL images, R img/s, S s left" once `every_s` have passed since
+    the start or the last such line."""
+    start = last = time.monotonic()
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last < every_s or done >= total:
+            return
+        last, rate = now, done / max(now - start, 1e-9)
+        left = (total - done) / rate
+        print(f"{desc}: {done}/{total} images, {rate:.1f} img/s, {left:.0f} s left", flush=True)
+
+    return advance
 
 
 def close_orphan_bars() -> None:

@@ -92,6 +92,8 @@ def test_segnet_train_starts_a_3_class_run_from_an_11_class_checkpoint(segnet_cl
     done = segnet_cli("train", *args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tensors loaded, 2 skipped; new: classifier.weight, classifier.bias" in done.stderr, done.stderr
+    lines = done.stderr.splitlines()  # not a terminal: no bar redrawn, no blank padding between the lines
+    assert not [line for line in lines if "img/s]" in line or (line and not line.strip())], done.stderr
     staged = tmp_path / "runs" / "tuned" / "init_weights" / "model.pt"  # where the workers read it
     assert staged.read_bytes() == (tmp_path / "ckpt" / "model.pt").read_bytes()
     best = json.loads(done.stdout)  # with --json, stdout is the document and the lines go to stderr
