@@ -15,7 +15,7 @@ from pathlib import Path
 VERBOSE = "SEGNET_VERBOSE"
 LOG_FILE = "SEGNET_LOG_FILE"  # where MLflow's lines go; set once per command, inherited by Ray workers
 LOG_DIR = "SEGNET_LOG_DIR"  # the folder of those files, ~/.cache/segnet/logs unless set
-BAR = "SEGNET_PROGRESS_BAR"  # "0": the driver's stderr is no terminal (a log file, CI), so no bar is drawn
+BAR = "SEGNET_PROGRESS_BAR"  # "0": no bar (unless given, when the driver's stderr is no terminal)
 LINE_EVERY_S = 60.0  # then a long epoch says how far it is in a line this often
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "mlflow", "alembic", "urllib3")
@@ -59,8 +59,9 @@ def library_log() -> Path | None:
 def setup(is_verbose: bool = False) -> None:
     """On the driver: quiet libraries unless verbose; the setting travels to Ray workers by environment."""
     os.environ[VERBOSE] = "1" if is_verbose else "0"
-    # a bar redrawn in a file is one line per redraw and a line of blanks per clearing
-    os.environ[BAR] = "1" if sys.stderr.isatty() else "0"
+    # a bar redrawn in a file is one line per redraw and a line of blanks per clearing; 0 or 1 given wins
+    if os.environ.get(BAR) not in ("0", "1"):
+        os.environ[BAR] = "1" if sys.stderr.isatty() else "0"
     # Ray holds back worker lines that differ only in numbers from another worker's and prints them later
     # as "[repeated 2x across cluster]": that would swallow the epoch lines of trials running side by side.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

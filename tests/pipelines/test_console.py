@@ -63,5 +63,9 @@ def test_setup_draws_bars_only_for_a_terminal(monkeypatch):
     console.setup(is_verbose=True)
     assert os.environ[console.BAR] == "0"
     monkeypatch.setattr(console.sys.stderr, "isatty", lambda: True)
+    monkeypatch.setenv(console.BAR, "")
     console.setup(is_verbose=True)
     assert os.environ[console.BAR] == "1"
+    monkeypatch.setenv(console.BAR, "0")  # given: kept
+    console.setup(is_verbose=True)
+    assert os.environ[console.BAR] == "0"

@@ -318,7 +318,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tm
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=180)
     done_name = finished[0].info.run_name
-    logs = {"SEGNET_LOG_DIR": str(tmp_path / "logs")}
+    logs = {"SEGNET_LOG_DIR": str(tmp_path / "logs"), "SEGNET_PROGRESS_BAR": "1"}  # bars, as in a terminal
     args = ["tune", "--resume", "s2", "--storage-path", str(tmp_path / "runs"), "--json"]
     r = segnet_cli(*args, env=logs, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
