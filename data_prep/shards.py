@@ -202,11 +202,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     level = "INFO" if os.environ.get("SEGNET_VERBOSE") == "1" else "ERROR"
     options = {"logging_config": ray.LoggingConfig(log_level=level)}
     address = address or os.environ.get("RAY_ADDRESS")
-    settings = {k: v for k, v in os.environ.items() if k.startswith("SEGNET_")}  # the console's, for workers
     if address:
-        # A cluster's workers get the command's settings, and its address: Ray Train's placement-group
-        # cleaner (an actor) reads the state API's address from RAY_ADDRESS, else it looks for the one Ray
-        # on its machine and prints a traceback when there are several.
+        # A cluster's workers get the command's settings (SEGNET_*), and its address: Ray Train's
+        # placement-group cleaner (an actor) reads the state API's address from RAY_ADDRESS, else it looks
+        # for the one Ray on its machine and prints a traceback when there are several.
+        settings = {k: v for k, v in os.environ.items() if k.startswith("SEGNET_")}
         where = {} if address == "auto" else {"RAY_ADDRESS": address}
         context = ray.init(address=address, runtime_env={"env_vars": {**settings, **where}}, **options)
     else:
