@@ -40,7 +40,15 @@ agent_ports() {
 start_worker() {
   (cd "$STATE_DIR/worker" && TMPDIR="$STATE_DIR/worker/tmp" "$bin/ray" start --address="127.0.0.1:$RAY_PORT" \
     --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" --temp-dir="$STATE_DIR/worker/ray" \
-    $(agent_ports $((AGENT_PORT_BASE + 10))) --disable-usage-stats >>"$STATE_DIR/worker.log" 2>&1)
+    $(agent_ports $((AGENT_PORT_BASE + 10))) --disable-usage-stats >>"$STATE_DIR/worker.log" 2>&1) ||
+    failed "the worker node" "$STATE_DIR/worker.log"
+}
+
+# One line naming what did not start and its log, then the log's last lines, and exit 1.
+failed() {
+  echo "local-cluster.sh: $1 did not start; its log: $2" >&2
+  tail -n 5 "$2" >&2
+  exit 1
 }
 
 start() {
@@ -51,7 +59,7 @@ start() {
   (cd "$STATE_DIR/head" && TMPDIR="$STATE_DIR/head/tmp" "$bin/ray" start --head --node-ip-address=127.0.0.1 \
     --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --temp-dir="$STATE_DIR/head/ray" $(agent_ports "$AGENT_PORT_BASE") --disable-usage-stats \
-    >"$STATE_DIR/head.log" 2>&1)
+    >"$STATE_DIR/head.log" 2>&1) || failed "the head node" "$STATE_DIR/head.log"
   start_worker
   for _ in $(seq 120); do  # the dashboard (job server, state API) answers, even if only to refuse
     [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$DASHBOARD_PORT/api/version") != 000 ]] && break
@@ -66,7 +74,7 @@ start() {
     curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null && break
     sleep 1
   done
-  curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null || { echo "mlflow server did not start" >&2; exit 1; }
+  curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null || failed "the mlflow server" "$STATE_DIR/mlflow.log"
   echo "RAY_AUTH_MODE=token"
   echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
   echo "RAY_ADDRESS=127.0.0.1:$RAY_PORT"

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,6 +28,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive ports, all free now on 127.0.0.1, for a server that takes fixed
+    ports (infra/local-cluster.sh). They lie below the kernel's ephemeral range (32768 and up), from which
+    free_port and every outgoing connection draw theirs, and above Ray's worker ports (up to 19999): a port
+    found free there is not taken by chance between this check and its use, as an ephemeral one can be."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - size)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + size):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {size} consecutive free ports in 20000-32000")
 
 
 def joined_ray(worker_env: dict | None = None) -> dict:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from data_prep import storage
 from pipelines.tracking import registry
-from tests.helpers import free_port, kill_all, process_tree, processes_naming, wait_until
+from tests.helpers import free_port_block, kill_all, process_tree, processes_naming, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "local-cluster.sh"
@@ -28,18 +28,23 @@ pytestmark = pytest.mark.slow
 def _local_cluster(s3):
     """infra/local-cluster.sh start, then stop (also after a start that failed half-way). Each cluster has
     its own state folder and ports, free now, not fixed ones: other Ray instances on the machine take ports
-    near their defaults."""
+    near their defaults. (A GCS port taken between its choice and the start failed a CI run's start.)"""
     state = tempfile.mkdtemp(prefix="sgc", dir="/tmp")  # short: Ray's socket paths live below it
+    base = free_port_block(18)  # the script's ports: 3, then 4 agent ports per node, 10 apart
     ports = {
-        name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "MLFLOW_PORT", "AGENT_PORT_BASE")
+        "RAY_PORT": base,
+        "DASHBOARD_PORT": base + 1,
+        "MLFLOW_PORT": base + 2,
+        "AGENT_PORT_BASE": base + 4,
     }
+    ports = {name: str(port) for name, port in ports.items()}
     script = {**os.environ, "STATE_DIR": state, **ports}  # the environment of the script's commands
     script.pop("RAY_ADDRESS", None)
     env = {**script, "ARTIFACTS": f"{s3['bucket']}/e2e/mlflow"}  # the MLflow server keeps them there
     try:  # a start that fails half-way is stopped too
-        started = subprocess.run(
-            [str(SCRIPT), "start"], env=env, check=True, capture_output=True, text=True, timeout=300
-        )
+        started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+        if started.returncode:  # the script's line names what did not start, and its log's last lines
+            pytest.fail(f"local-cluster.sh start exited {started.returncode}:\n{started.stderr}")
         exports = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
         yield {
             "state": state,
