@@ -25,16 +25,15 @@ RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 def free_port() -> int:
     """A TCP port free now on 127.0.0.1: not a fixed one, as other Ray instances and servers run here."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_block(1)
 
 
 def free_port_block(size: int) -> int:
-    """The first of `size` consecutive ports, all free now on 127.0.0.1, for a server that takes fixed
-    ports (infra/local-cluster.sh). They lie below the kernel's ephemeral range (32768 and up), from which
-    free_port and every outgoing connection draw theirs, and above Ray's worker ports (up to 19999): a port
-    found free there is not taken by chance between this check and its use, as an ephemeral one can be."""
+    """The first of `size` consecutive ports, all free now on 127.0.0.1. They lie below the kernel's
+    ephemeral range (32768 and up), from which every outgoing connection and every bind to port 0 draws
+    its port, and above Ray's worker ports (up to 19999): a port found free here is not taken by chance
+    between this check and the server's start, as an ephemeral one can be (a GCS port taken so failed a
+    CI run's cluster start)."""
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 32000 - size)
