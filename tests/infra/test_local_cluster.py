@@ -28,16 +28,11 @@ pytestmark = pytest.mark.slow
 def _local_cluster(s3):
     """infra/local-cluster.sh start, then stop (also after a start that failed half-way). Each cluster has
     its own state folder and ports, free now, not fixed ones: other Ray instances on the machine take ports
-    near their defaults. (A GCS port taken between its choice and the start failed a CI run's start.)"""
+    near their defaults."""
     state = tempfile.mkdtemp(prefix="sgc", dir="/tmp")  # short: Ray's socket paths live below it
     base = free_port_block(18)  # the script's ports: 3, then 4 agent ports per node, 10 apart
-    ports = {
-        "RAY_PORT": base,
-        "DASHBOARD_PORT": base + 1,
-        "MLFLOW_PORT": base + 2,
-        "AGENT_PORT_BASE": base + 4,
-    }
-    ports = {name: str(port) for name, port in ports.items()}
+    offsets = {"RAY_PORT": 0, "DASHBOARD_PORT": 1, "MLFLOW_PORT": 2, "AGENT_PORT_BASE": 4}
+    ports = {name: str(base + offset) for name, offset in offsets.items()}
     script = {**os.environ, "STATE_DIR": state, **ports}  # the environment of the script's commands
     script.pop("RAY_ADDRESS", None)
     env = {**script, "ARTIFACTS": f"{s3['bucket']}/e2e/mlflow"}  # the MLflow server keeps them there
