@@ -19,7 +19,7 @@ FLOORS = {
     "pipelines.arguments": 2,  # the command line of a config class (jsonargparse), for cli
     **{f"pipelines.core.{m}": 2 for m in ("engine", "checkpoint", "console", "plots", "measure", "reference",
                                          "checks", "table1")},
-    **{f"pipelines.tracking.{m}": 2 for m in ("runs", "registry", "pyfunc_model")},
+    **{f"pipelines.tracking.{m}": 2 for m in ("runs", "registry", "pyfunc_model", "callback")},
     "pipelines.train.worker": 3,
     "pipelines.train.driver": 3,
     "pipelines.evaluate": 3,

@@ -22,6 +22,7 @@ from pipelines.core import console
 from pipelines.core.checks import check_config, check_resources, image_size
 from pipelines.core.plots import save_validation_plots
 from pipelines.tracking import registry, runs
+from pipelines.tracking.callback import LogMetrics
 from pipelines.train.worker import WorkerPlan, init_weights_folder, train_loop
 from segnet.errors import SegNetError
 from segnet.models import model_from_meta
@@ -31,24 +32,6 @@ PLOTS = "plots"  # the run's PNGs in MLflow, drawn from its newest checkpoint
 # While an elastic run is healthy, Ray Train asks this often whether more workers fit now (its default). A
 # resize restarts the workers from the last checkpoint, so the epoch in progress is trained again.
 RESIZE_CHECK_S = 60.0
-
-
-class LogMetrics(ray.train.UserCallback):
-    """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
-    that a lost worker had not reported yet, and that is trained again after the restart, is logged once.
-    While the server is down, epochs wait in a buffer and go with the first report after it is back; what
-    is still buffered when training ends is logged by the driver from the checkpoint's history.
-    A change of the worker count (an elastic resize) is also tagged `resize.epoch_N` = "OLD->NEW"."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.metrics, self.workers = runs.MetricBuffer(uri, run_id), None
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        m = metrics[0]
-        resized = self.workers not in (None, m["workers"])
-        tags = {f"resize.epoch_{m['epoch']}": f"{self.workers}->{m['workers']}"} if resized else {}
-        self.metrics.add(m, step=m["epoch"], tags=tags)
-        self.workers = m["workers"]
 
 
 def train(
