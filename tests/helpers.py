@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +46,29 @@ def free_port_block(size: int) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no {size} consecutive free ports in 20000-32000")
+
+
+_STORE = {}  # this process's empty MLflow store, made once: the copies' source
+
+
+def mlflow_store(path: Path) -> str:
+    """`sqlite:///PATH` for an MLflow store at `path` whose tables are made: a copy of an empty store that
+        MLflow made once in this process. A new store runs MLflow's whole chain of schema migrations, 3 s here
+        each time; a test about creating a store names a file that does not exist yet instead. A store that is
+    there already is left as it is."""
+    if "empty" not in _STORE:
+        import tempfile
+
+        from mlflow.tracking import MlflowClient
+
+        empty = Path(tempfile.mkdtemp(prefix="segnet-mlflow-store-")) / "empty.db"
+        MlflowClient(f"sqlite:///{empty}").search_experiments()  # makes the tables
+        _STORE["empty"] = empty
+    path = Path(path)
+    if not path.exists():  # asked again for the same store: it keeps what it holds
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE["empty"], path)
+    return f"sqlite:///{path}"
 
 
 def joined_ray(worker_env: dict | None = None) -> dict:

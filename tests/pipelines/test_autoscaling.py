@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import error_line, free_port, kill_all, process_tree, processes_naming
+from tests.helpers import error_line, free_port, kill_all, mlflow_store, process_tree, processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def _train(segnet_cli, shards, tmp_path, address, *extra):
         "--storage-path",
         tmp_path / "runs",
         "--mlflow-uri",
-        f"sqlite:///{tmp_path}/mlruns.db",
+        mlflow_store(tmp_path / "mlruns.db"),
         *extra,
     ]
     t0 = time.monotonic()

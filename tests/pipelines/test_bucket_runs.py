@@ -6,6 +6,7 @@ import json
 import pytest
 
 from data_prep import storage
+from tests.helpers import mlflow_store
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,7 @@ def test_train_evaluate_and_resume_through_the_bucket_from_an_empty_directory(
     shards, runs = bucket_shards, f"{s3['bucket']}/runs-test/runs"
     work = tmp_path / "empty"
     work.mkdir()
-    mlflow = f"sqlite:///{tmp_path}/mlflow/mlruns.db"
-    (tmp_path / "mlflow").mkdir()
+    mlflow = mlflow_store(tmp_path / "mlflow" / "mlruns.db")
     train = [
         "train",
         "--data",

@@ -13,7 +13,7 @@ from pipelines.search.experiment import run_table1
 from segnet import SegNetError, build_model
 from segnet.models import MODELS, count_parameters
 from segnet.paper import PAPER_TABLE1
-from tests.helpers import error_line
+from tests.helpers import error_line, mlflow_store
 
 FULL_PAPER = {v: {m: PAPER_TABLE1[v][m] for m in ("median_frequency", "none")} for v in PAPER_TABLE1}
 
@@ -50,7 +50,7 @@ def test_unknown_variant_is_refused_by_name():
 
 def profile(profile_name: str, tmp_path, **train) -> Table1Config:
     """A Table 1 profile from configs/, writing into tmp_path."""
-    train = {"storage_path": str(tmp_path / "runs"), "mlflow_uri": f"sqlite:///{tmp_path}/m.db", **train}
+    train = {"storage_path": str(tmp_path / "runs"), "mlflow_uri": mlflow_store(tmp_path / "m.db"), **train}
     return from_file(
         Table1Config,
         CONFIGS / f"table1-{profile_name}.yaml",

@@ -11,6 +11,7 @@ import torch
 from pipelines.cli import main
 from pipelines.export import camvid_batch
 from segnet import build_model
+from tests.helpers import mlflow_store
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported(register_seeded, camvid_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = mlflow_store(tmp / "mlflow.db")
     register_seeded(uri, "onnx-test", 4, 0.5, tmp)
     return uri, tmp / "model.onnx"
 

@@ -17,7 +17,7 @@ from data_prep import prepare, storage
 from pipelines.core import checkpoint as ckpt_io
 from pipelines.search.tune import SEARCH_FILE
 from pipelines.tracking import registry
-from tests.helpers import free_port
+from tests.helpers import free_port, mlflow_store
 
 pytestmark = pytest.mark.slow
 SHARES = {"slowdown": 0.03, "internal": 0.03, "reset-before": 0.03, "reset-after": 0.03, "late": 0.03}
@@ -29,7 +29,7 @@ def test_train_and_resume_through_a_flaky_bucket_complete_and_lose_or_repeat_no_
     shards, runs = f"{s3['bucket']}/flaky-runs/shards", f"{s3['bucket']}/flaky-runs/runs"
     prepare(camvid_dir, shards, shard_size=4, limit=8)  # straight to the store
     proxy = flaky_proxy(s3["env"]["AWS_ENDPOINT_URL"], SHARES, seed=11, delay=0.5)
-    db = f"sqlite:///{tmp_path}/mlruns.db"
+    db = mlflow_store(tmp_path / "mlruns.db")
     common = ["--mlflow-uri", db, "--json"]
     train = ["train", "--data", shards, "--storage-path", runs, "--image-size", "48x64", "--batch-size", "2"]
     train += ["--workers", "1", "--loader-workers", "0", "--name", "f1", "--epochs", "2", *common]

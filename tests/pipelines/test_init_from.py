@@ -14,6 +14,7 @@ from pipelines.train.driver import stage_init_weights
 from segnet import SegNetError
 from segnet.models import build_model
 from tests.data_prep.test_datasets import make_generic
+from tests.helpers import mlflow_store
 
 
 def _checkpoint(folder, model_name: str = "segnet-basic", num_classes: int = 11):
@@ -68,7 +69,7 @@ def test_a_checkpoint_is_staged_in_the_run_folder_and_tried_on_the_driver(tmp_pa
 
 @pytest.mark.slow  # MLflow's registry: 20 s
 def test_a_registered_model_is_downloaded_and_staged(register_seeded, tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_store(tmp_path / "mlruns.db")
     register_seeded(uri, "segnet-camvid", 1, 0.5, tmp_path)
     stage_init_weights(_run_config(tmp_path, "models:/segnet-camvid/1"), uri, 3)
     model = build_model("segnet-basic", num_classes=3)
@@ -88,7 +89,7 @@ def test_segnet_train_starts_a_3_class_run_from_an_11_class_checkpoint(segnet_cl
     args = ["--data", shards, "--init-from", tmp_path / "ckpt", "--workers", 1, "--epochs", 1]
     args += ["--batch-size", 1, "--image-size", "16x16", "--loader-workers", 0, "--class-weighting", "none"]
     args += ["--storage-path", tmp_path / "runs", "--name", "tuned", "--json"]
-    args += ["--mlflow-uri", f"sqlite:///{tmp_path}/mlruns.db"]
+    args += ["--mlflow-uri", mlflow_store(tmp_path / "mlruns.db")]
     done = segnet_cli("train", *args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tensors loaded, 2 skipped; new: classifier.weight, classifier.bias" in done.stderr, done.stderr

@@ -24,7 +24,7 @@ from pipelines.predict import predict
 from pipelines.search.tune import tune_search
 from pipelines.tracking import registry
 from segnet import SegNetError
-from tests.helpers import free_port, start_segnet, wait_for_url
+from tests.helpers import free_port, mlflow_store, start_segnet, wait_for_url
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def trained(ray_local, tmp_path_factory):
         description = make(tmp / "data")
         prepare(tmp / "data", tmp / "shards", shard_size=4, dataset=read_description(description))
         train = dict(data=str(tmp / "shards"), epochs=1, image_size="32x64", batch_size=2, workers=1)
-        train |= dict(loader_workers=0, storage_path=str(tmp / "runs"), mlflow_uri=f"sqlite:///{tmp}/m.db")
+        train |= dict(loader_workers=0, storage_path=str(tmp / "runs"), mlflow_uri=mlflow_store(tmp / "m.db"))
         cfg = TuneConfig(train=replace(trial_defaults(), **train), num_samples=1, max_concurrent=1)
         out[name] = {"tmp": tmp, "cfg": cfg, "search": tune_search(cfg, log=lambda _: None)}
     return out

@@ -21,14 +21,14 @@ from PIL import Image
 from pipelines.cli import main
 from pipelines.tracking import registry, runs
 from segnet import SegNetError
-from tests.helpers import free_port, wait_for_url
+from tests.helpers import free_port, mlflow_store, wait_for_url
 
 
 @pytest.fixture(scope="module")
 def store(register_seeded, tmp_path_factory):
     """A sqlite registry with v1 (mIoU 0.5, champion), v2 (0.4) and v3 (0.6, the new champion)."""
     tmp = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = mlflow_store(tmp / "mlflow.db")
     results = [register_seeded(uri, "m", seed, miou, tmp) for seed, miou in ((1, 0.5), (2, 0.4), (3, 0.6))]
     return uri, results
 
@@ -105,7 +105,7 @@ def test_mc_params_add_the_uncertainty_beside_the_labels_and_leave_the_default_o
     """A Bayesian SegNet-Basic: without params, one uint8 label map per image as ever; with mc_samples and
     uncertainty, a dict of labels and a float32 map in [0, 1] per image, at each image's size. The same
     weights without dropout refuse mc_samples, naming why."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     register_seeded(uri, "bayes", 1, 0.5, tmp_path, dropout=0.5)
     register_seeded(uri, "plain", 1, 0.5, tmp_path)
     model, plain = registry.load(uri, "bayes@champion"), registry.load(uri, "plain@champion")
@@ -175,7 +175,9 @@ def test_the_champion_loads_and_predicts_in_a_fresh_venv_without_the_project(
     (tmp_path / "pin.txt").write_text("torch==2.13.0\n")  # the CPU wheel pip has; never a CUDA build
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # no byte-compiling of every installed module (most of pip's time here): Python compiles what it imports
     pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip += ["--no-compile"]
     subprocess.run([*pip, "-c", str(tmp_path / "pin.txt"), "-r", requirements], check=True, timeout=900)
     print(f"fresh venv from the model's requirements in {time.monotonic() - t0:.0f} s")
     test_image = sorted((camvid_dir / "test").iterdir())[0]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines.serve import MAX_BODY
 from pipelines.tracking import registry, runs
-from tests.helpers import free_port
+from tests.helpers import free_port, mlflow_store
 
 pytestmark = pytest.mark.slow
 NAME = "serve-test"
@@ -32,7 +32,7 @@ def server(ray_local, register_seeded, tmp_path_factory):
     from pipelines.serve import start
 
     tmp = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = mlflow_store(tmp / "mlflow.db")
     register_seeded(uri, NAME, 1, 0.5, tmp)  # champion
     register_seeded(uri, NAME, 2, 0.4, tmp)  # not better: champion stays on v1
     url = start(uri, f"{NAME}@champion", port=free_port(), max_batch_size=4, max_pixels_in_flight=BUDGET)

@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from pipelines.bench.bench import descendants
-from tests.helpers import free_port, wait_for_url
+from tests.helpers import free_port, mlflow_store, wait_for_url
 
 pytestmark = pytest.mark.slow
 NAME = "load-test"
@@ -64,7 +64,7 @@ def labels(r: requests.Response) -> np.ndarray:
 
 @pytest.fixture
 def registered(register_seeded, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     register_seeded(uri, NAME, 1, 0.5, tmp_path)
     return uri
 

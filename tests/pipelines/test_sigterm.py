@@ -15,7 +15,7 @@ import pytest
 
 from data_prep import prepare
 from pipelines.core import checkpoint as ckpt_io
-from tests.helpers import start_segnet, wait_until
+from tests.helpers import mlflow_store, start_segnet, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_sigterm_keeps_the_last_checkpoint_exits_with_one_line_and_resume_contin
 ):
     shards = tmp_path / "shards"
     prepare(camvid_dir, shards, shard_size=8, limit=8)
-    db = f"sqlite:///{tmp_path}/mlruns.db"
+    db = mlflow_store(tmp_path / "mlruns.db")
     args = ["--data", shards, "--workers", "1", "--batch_size", "2", "--image_size", "48x64"]
     args = [str(a) for a in [*args, "--storage_path", tmp_path / "runs", "--mlflow_uri", db]]
     run = tmp_path / "runs" / "sig"
@@ -69,7 +69,7 @@ def test_tune_on_sigterm_keeps_the_trials_checkpoint_exits_with_one_line_and_res
     """`segnet tune` stopped with SIGTERM (the process alone, as a scheduler stops it): the running trial's
     checkpoint stays, one line naming the search and how to continue, a non-zero exit, nothing registered;
     `tune --resume` then completes the trial from that checkpoint, each epoch once in its MLflow run."""
-    db, runs = f"sqlite:///{tmp_path}/mlruns.db", tmp_path / "runs"
+    db, runs = mlflow_store(tmp_path / "mlruns.db"), tmp_path / "runs"
     # epochs enough that the trial is still running when the signal lands (an epoch of 4 images takes < 1 s)
     args = ["tune", "--data", shards_4, "--num-samples", "1", "--epochs", "12", "--scheduler", "fifo"]
     args += ["--image-size", "48x64", "--batch-size", "2", "--loader-workers", "0", "--name", "st"]

@@ -20,7 +20,7 @@ import torch
 from data_prep import storage
 from pipelines.core import checkpoint as ckpt_io
 from segnet import SegNetError, build_model
-from tests.helpers import ROOT, Code, error_line, flip_a_byte
+from tests.helpers import ROOT, Code, error_line, flip_a_byte, mlflow_store
 
 META = {"config": {"model": "segnet-basic"}, "num_classes": 11, "history": []}
 
@@ -145,7 +145,7 @@ def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_retrains_from_the_on
     from pipelines.train.driver import train
 
     shards = shards_4
-    mlflow = f"sqlite:///{tmp_path}/mlruns.db"
+    mlflow = mlflow_store(tmp_path / "mlruns.db")
     cfg = TrainConfig(
         data=str(shards),
         epochs=2,

@@ -16,7 +16,7 @@ from pipelines.core.checks import check_resources
 from pipelines.evaluate import evaluate
 from pipelines.train.driver import close_run, train
 from segnet import SegNetError
-from tests.helpers import complete_checkpoints, error_line, free_port
+from tests.helpers import complete_checkpoints, error_line, free_port, mlflow_store
 
 pytestmark = pytest.mark.slow
 SIZE = "64x96"  # reduced resolution keeps a CPU epoch to seconds
@@ -37,10 +37,10 @@ def _cfg(shards, tmp_path, **kw) -> TrainConfig:
         batch_size=4,
         image_size=SIZE,
         storage_path=str(tmp_path / "runs"),
-        mlflow_uri=f"sqlite:///{tmp_path}/mlruns.db",
         loader_workers=0,
     )
     base.update(kw)
+    base.setdefault("mlflow_uri", mlflow_store(tmp_path / "mlruns.db"))
     return TrainConfig(**base)
 
 
@@ -90,7 +90,7 @@ def test_a_run_its_driver_did_not_end_is_closed_from_its_folder(two_worker_run, 
     the newest checkpoint, the best, FINISHED with `stopped_early` (10 epochs asked, 4 trained); a run
     that is FINISHED is left as it is."""
     _, best = two_worker_run
-    uri, run_dir = f"sqlite:///{tmp_path}/mlruns.db", tmp_path / "run"
+    uri, run_dir = mlflow_store(tmp_path / "mlruns.db"), tmp_path / "run"
     c = MlflowClient(tracking_uri=uri)
     run_id = c.create_run(c.create_experiment("closed", (tmp_path / "artifacts").as_uri())).info.run_id
     shutil.copytree(best["run_dir"], run_dir)

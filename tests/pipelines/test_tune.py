@@ -17,7 +17,14 @@ from pipelines.core.plots import legend
 from pipelines.search.tune import tune_search
 from pipelines.tracking import registry
 from segnet import SegNetError
-from tests.helpers import complete_checkpoints, error_line, flip_a_byte, start_segnet, wait_until
+from tests.helpers import (
+    complete_checkpoints,
+    error_line,
+    flip_a_byte,
+    mlflow_store,
+    start_segnet,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -39,7 +46,7 @@ def _cfg(shards, tmp, **kw) -> TuneConfig:
         workers=1,
         loader_workers=0,
         storage_path=str(tmp / "runs"),
-        mlflow_uri=f"sqlite:///{tmp}/mlruns.db",
+        mlflow_uri=mlflow_store(tmp / "mlruns.db"),
     )
     search = dict(num_samples=2, max_concurrent=2)
     for k, v in kw.items():
@@ -297,10 +304,10 @@ def test_bad_search_space_is_refused(shards, tmp_path, change, message):
 def test_interrupted_search_resumes_without_rerunning_finished_trials(shards, tmp_path, segnet_cli):
     args = ["tune", "--data", str(shards), "--num-samples", "3", "--epochs", "1", "--image-size", "64x96"]
     args += ["--batch-size", "4", "--max-concurrent", "1", "--scheduler", "fifo", "--loader-workers", "0"]
-    args += ["--storage-path", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path}/mlruns.db"]
+    uri = mlflow_store(tmp_path / "mlruns.db")
+    args += ["--storage-path", str(tmp_path / "runs"), "--mlflow-uri", uri]
     args += ["--name", "s2"]
     proc = start_segnet(*args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
     finished = []
 
     def a_trial_finished() -> bool:

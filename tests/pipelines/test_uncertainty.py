@@ -15,7 +15,7 @@ from pipelines.core import engine
 from pipelines.core.plots import colour_bar
 from pipelines.predict import predict
 from segnet import SegNetError, build_model, segmentation_loss
-from tests.helpers import error_line
+from tests.helpers import error_line, mlflow_store
 from tests.helpers import segnet_here as segnet
 
 SIZE = (64, 96)
@@ -97,7 +97,7 @@ def test_too_many_samples_are_one_line_before_anything_runs(args, message, tmp_p
 def test_predict_with_mc_samples_writes_labels_an_overlay_and_an_uncertainty_heat_map(
     ray_local, register_seeded, camvid_dir, tmp_path
 ):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     register_seeded(uri, "bayes", 1, 0.5, tmp_path, dropout=0.5)
     register_seeded(uri, "plain", 1, 0.5, tmp_path)
     photos = tmp_path / "photos"
