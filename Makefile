@@ -16,10 +16,14 @@ install: $(BIN)/python
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[dev]'
 
-# One process: on 2 cores two (pytest-xdist, a file at a time) took as long, each test about twice as long
-# (Ray's own processes keep the cores busy), and races that need load appeared (2026-12-02).
+# Two pytest processes side by side, each with its own session (Ray, S3 server, shards): most of a slow test is
+# one process starting after another (imports, Ray's actors), so one core idles. The second holds modules that
+# run Rays or clusters of their own, or searches; its output follows the first's. (pytest-xdist, which deals
+# files out at random, took as long as one process on 2 cores: 2026-12-02.) `tests/lanes.sh` says how.
+LANE_B := tests/infra tests/pipelines/test_tune.py tests/pipelines/test_sigterm.py \
+	tests/pipelines/test_flaky_bucket_runs.py tests/data_prep/test_flaky_bucket.py
 test: install
-	$(BIN)/python -m pytest -q
+	PY=$(BIN)/python bash tests/lanes.sh $(LANE_B)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
