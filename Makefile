@@ -18,10 +18,10 @@ install: $(BIN)/python
 
 # Two pytest processes side by side, each with its own session (Ray, S3 server, shards): most of a slow test is
 # one process starting after another (imports, Ray's actors), so one core idles. The second holds modules that
-# run Rays or clusters of their own, or searches; its output follows the first's. (pytest-xdist, which deals
+# run Rays or clusters of their own, searches, or Table 1; its output follows the first's. (pytest-xdist, which deals
 # files out at random, took as long as one process on 2 cores: 2026-12-02.) `tests/lanes.sh` says how.
 LANE_B := tests/infra tests/pipelines/test_tune.py tests/pipelines/test_sigterm.py \
-	tests/pipelines/test_flaky_bucket_runs.py tests/data_prep/test_flaky_bucket.py
+	tests/pipelines/test_flaky_bucket_runs.py tests/data_prep/test_flaky_bucket.py tests/pipelines/test_experiment.py
 test: install
 	PY=$(BIN)/python bash tests/lanes.sh $(LANE_B)
 

@@ -13,7 +13,7 @@ lane_b=$!
 status_a=$?
 wait "$lane_b"
 status_b=$?
-echo "=== lane B: $* (exit $status_b) ==="
+echo "=== lane B: $* (exit $status_b; its temporary folders are in $out) ==="
 cat "$out/b.log"
 "$PY" - "$out/a.xml" "$out/b.xml" <<'PYEND'
 import sys
