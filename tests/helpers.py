@@ -1,6 +1,7 @@
 """What the tests share: a free port, `segnet` as a user runs it (a new process) or in this process, the
 check of a refused command's one line, waiting for a condition or a server, a process tree, a flipped byte,
-and a pickle that runs code. Fixtures live in the conftest files; these are plain functions."""
+a pickle that runs code, and an empty MLflow store. Fixtures live in the conftest files; these are plain
+functions."""
 
 import contextlib
 import io
@@ -53,9 +54,8 @@ _STORE = {}  # this process's empty MLflow store, made once: the copies' source
 
 def mlflow_store(path: Path) -> str:
     """`sqlite:///PATH` for an MLflow store at `path` whose tables are made: a copy of an empty store that
-        MLflow made once in this process. A new store runs MLflow's whole chain of schema migrations, 3 s here
-        each time; a test about creating a store names a file that does not exist yet instead. A store that is
-    there already is left as it is."""
+    MLflow made once in this process (a new store runs MLflow's whole chain of schema migrations, 3 s here).
+    A store already at `path` is left as it is. A test about creating a store names a new file instead."""
     if "empty" not in _STORE:
         import tempfile
 

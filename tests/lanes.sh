@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: the suite as two pytest processes at once. Lane B runs the test paths given as arguments, lane A
 # everything else; lane A's output streams, lane B's is printed after it. Each lane keeps its own temporary
-# folder and junit file; the last line ("total: N passed, N failed") counts both lanes, and the exit status is non-zero if either failed.
+# folder and junit file; the last line ("total: N passed, N failed") counts both lanes, and the exit status
+# is non-zero if either lane failed.
 set -uo pipefail
 PY=${PY:-python}
 out=$(mktemp -d /tmp/segnet-lanes-XXXXXX)
