@@ -4,6 +4,7 @@ a pickle that runs code, and an empty MLflow store. Fixtures live in the conftes
 functions."""
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -49,25 +50,26 @@ def free_port_block(size: int) -> int:
     raise RuntimeError(f"no {size} consecutive free ports in 20000-32000")
 
 
-_STORE = {}  # this process's empty MLflow store, made once: the copies' source
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    """An empty MLflow store made once in this process: the source of mlflow_store's copies."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    empty = Path(tempfile.mkdtemp(prefix="segnet-mlflow-store-")) / "empty.db"
+    MlflowClient(f"sqlite:///{empty}").search_experiments()  # makes the tables
+    return empty
 
 
 def mlflow_store(path: Path) -> str:
     """`sqlite:///PATH` for an MLflow store at `path` whose tables are made: a copy of an empty store that
     MLflow made once in this process (a new store runs MLflow's whole chain of schema migrations, 3 s here).
     A store already at `path` is left as it is. A test about creating a store names a new file instead."""
-    if "empty" not in _STORE:
-        import tempfile
-
-        from mlflow.tracking import MlflowClient
-
-        empty = Path(tempfile.mkdtemp(prefix="segnet-mlflow-store-")) / "empty.db"
-        MlflowClient(f"sqlite:///{empty}").search_experiments()  # makes the tables
-        _STORE["empty"] = empty
     path = Path(path)
-    if not path.exists():  # asked again for the same store: it keeps what it holds
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_STORE["empty"], path)
+        shutil.copyfile(_empty_mlflow_store(), path)
     return f"sqlite:///{path}"
 
 

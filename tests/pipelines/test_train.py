@@ -40,7 +40,8 @@ def _cfg(shards, tmp_path, **kw) -> TrainConfig:
         loader_workers=0,
     )
     base.update(kw)
-    base.setdefault("mlflow_uri", mlflow_store(tmp_path / "mlruns.db"))
+    if "mlflow_uri" not in base:  # a test that names another store makes none here
+        base["mlflow_uri"] = mlflow_store(tmp_path / "mlruns.db")
     return TrainConfig(**base)
 
 
