@@ -1,8 +1,6 @@
 """Class-weighted cross entropy and the class balancing of the paper (Sec. 3.1, after Eigen & Fergus)."""
 
 import numpy as np
-import torch
-from torch import nn
 
 from segnet.errors import SegNetError
 
@@ -43,8 +41,11 @@ def class_weights(pixel_counts, image_pixel_counts=None, mode: str = "median_fre
     return weights
 
 
-def segmentation_loss(weights=None, *, ignore_index: int) -> nn.CrossEntropyLoss:
+def segmentation_loss(weights=None, *, ignore_index: int) -> "torch.nn.CrossEntropyLoss":  # noqa: F821
     """Cross entropy over pixels that ignores void (`ignore_index`: K for K classes, as shards store it)
-    and weights each class."""
+    and weights each class. (torch is imported here: `class_weights` serves processes without it.)"""
+    import torch
+    from torch import nn
+
     w = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
     return nn.CrossEntropyLoss(weight=w, ignore_index=ignore_index)
