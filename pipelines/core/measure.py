@@ -45,9 +45,27 @@ def matmul_rate(dtype=None, device: str = "cpu", reps: int = 5, seconds: float =
     """The dense matmul rate (fp32, or bf16 for autocast): torch.mm, MKL on CPUs, cuBLAS on GPUs."""
     import torch
 
-    n = 8192 if device == "cuda" else 2048  # a GPU needs a bigger product to reach its rate
+    n = 8192 if device == "cuda" else _cpu_matmul_size(dtype, seconds)  # a GPU needs a bigger product
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     return burst_rate(lambda: a @ b, 2 * n**3, _sync(device), reps, seconds)
+
+
+def _cpu_matmul_size(dtype, seconds: float) -> int:
+    """2048, or less where this CPU's kernel for `dtype` is slow: the size doubles from 256 while one product
+    takes under a quarter of a burst (the next, 8 times the work, then still fits one). A CPU without
+    AVX-512 BF16 or AMX multiplies bf16 at about 1 GFLOP/s: one 2048 product took 21 s on an AMD EPYC,
+    and the dry run of the GPU check, which measures the rates several times, ran past 10 minutes."""
+    import torch
+
+    n = 256
+    while n < 2048:
+        a = torch.randn(n, n, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ a
+        if time.perf_counter() - t0 > seconds / 4:
+            break
+        n *= 2
+    return n
 
 
 def conv_rate(dtype=None, device: str = "cpu", reps: int = 5, seconds: float = 0.3) -> dict:
