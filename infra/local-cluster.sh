@@ -13,6 +13,9 @@
 # server read the store's standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) from this
 # environment.
 set -euo pipefail
+# MLflow 3's job runner (GenAI jobs: scorers, prompt optimisation) is 8 more Python processes this pipeline
+# never uses, and they outlive the server's stop; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it back.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 here=$(cd "$(dirname "$0")/.." && pwd)
 STATE_DIR=${STATE_DIR:-/tmp/segnet-cluster}
 RAY_PORT=${RAY_PORT:-6390}

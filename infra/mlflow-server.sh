@@ -9,6 +9,9 @@
 # Users and permissions are kept in AUTH_DB_URI.
 # Binds 127.0.0.1 unless HOST says otherwise (behind a reverse proxy or a Kubernetes Service, set HOST=0.0.0.0).
 set -euo pipefail
+# MLflow 3's job runner (GenAI jobs: scorers, prompt optimisation) is 8 more Python processes this pipeline
+# never uses, and they outlive the server's stop; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it back.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-5000}
 DB_URI=${DB_URI:-sqlite:///mlflow.db}
