@@ -5,6 +5,11 @@ start here)."""
 
 import ray.train
 
+# The key of each report that holds when the worker ended the epoch (ms since the epoch, as MLflow stamps):
+# the controller may see a report late (busy, or its callback waiting on a server that does not answer),
+# and the epoch's points keep this time, not the time the controller logged them.
+ENDED_AT = "ended_at_ms"
+
 
 class LogMetrics(ray.train.UserCallback):
     """Each epoch's metrics to MLflow from the Ray Train controller, once per committed report: an epoch
@@ -21,8 +26,9 @@ class LogMetrics(ray.train.UserCallback):
             from pipelines.tracking import runs
 
             self.metrics = runs.MetricBuffer(self.uri, self.run_id)
-        m = metrics[0]
+        m = dict(metrics[0])
+        ended = m.pop(ENDED_AT, None)
         resized = self.workers not in (None, m["workers"])
         tags = {f"resize.epoch_{m['epoch']}": f"{self.workers}->{m['workers']}"} if resized else {}
-        self.metrics.add(m, step=m["epoch"], tags=tags)
+        self.metrics.add(m, step=m["epoch"], tags=tags, stamp_ms=ended)
         self.workers = m["workers"]

@@ -197,9 +197,10 @@ def ui_address(uri: str, page: str) -> str:
     return f"http://127.0.0.1:5000/{page} (after: mlflow ui --backend-store-uri {uri})"
 
 
-def metric_batch(metrics: dict, step: int) -> list[Metric]:
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
+def metric_batch(metrics: dict, step: int, stamp_ms: int | None = None) -> list[Metric]:
+    """The numbers of `metrics` as one step's points, stamped `stamp_ms` (when measured), else now."""
+    stamp = int(time.time() * 1000) if stamp_ms is None else int(stamp_ms)
+    return [Metric(k, float(v), stamp, step) for k, v in metrics.items() if isinstance(v, int | float)]
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
@@ -218,10 +219,9 @@ class MetricBuffer:
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id, self.pending, self.down = uri, run_id, [], False
 
-    def add(self, metrics: dict, step: int, tags: dict | None = None) -> None:
-        self.pending.append(
-            (step, metric_batch(metrics, step), [RunTag(k, str(v)) for k, v in (tags or {}).items()])
-        )
+    def add(self, metrics: dict, step: int, tags: dict | None = None, stamp_ms: int | None = None) -> None:
+        tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        self.pending.append((step, metric_batch(metrics, step, stamp_ms), tags))
         self.flush()
 
     def flush(self) -> None:

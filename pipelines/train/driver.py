@@ -22,7 +22,7 @@ from pipelines.core import console
 from pipelines.core.checks import check_config, check_resources, image_size
 from pipelines.core.plots import save_validation_plots
 from pipelines.tracking import registry, runs
-from pipelines.tracking.callback import LogMetrics
+from pipelines.tracking.callback import ENDED_AT, LogMetrics
 from pipelines.train.worker import WorkerPlan, init_weights_folder, train_loop
 from segnet.errors import SegNetError
 from segnet.models import model_from_meta
@@ -221,7 +221,7 @@ def pick_best(result: ray.train.Result, plan: WorkerPlan, uri: str) -> tuple[dic
         "best_epoch": best_metrics["epoch"],
         "metric": cfg.metric,
         "best_metrics": validation_scores(best_metrics),
-        "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k},
+        "last_metrics": {k: v for k, v in result.metrics.items() if "iou_" not in k and k != ENDED_AT},
         "history": json.loads(storage.read_bytes(storage.join(last, ckpt_io.META)))["history"],
     }
     return best, last

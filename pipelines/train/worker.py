@@ -21,6 +21,7 @@ from pipelines.config import TrainConfig
 from pipelines.core import checkpoint as ckpt_io
 from pipelines.core import console
 from pipelines.core.engine import compile_model, evaluate, scores, train_epoch, use_compile
+from pipelines.tracking.callback import ENDED_AT
 from segnet import segmentation_loss
 from segnet.errors import SegNetError
 from segnet.models import model_from_meta
@@ -215,6 +216,7 @@ def report(plan: WorkerPlan, result: EpochResult, net, optimizer) -> None:
             ckpt_io.save_validation(Path(tmp), result.confusion, result.examples)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         finite = {k: v for k, v in m.items() if not isinstance(v, float) or math.isfinite(v)}
+        finite[ENDED_AT] = int(time.time() * 1000)
         ray.train.report(finite, checkpoint=checkpoint, checkpoint_upload_mode=UPLOAD)
 
 

@@ -1,10 +1,13 @@
 """Tracking against a real MLflow server that goes away: what the Ray Train controller logs waits."""
 
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.tracking import runs
-from tests.helpers import free_port
+from pipelines.tracking.callback import ENDED_AT, LogMetrics
+from tests.helpers import free_port, mlflow_store
 
 
 @pytest.mark.slow
@@ -27,3 +30,17 @@ def test_epochs_logged_while_the_server_is_down_wait_and_arrive_once_it_is_back(
     history = MlflowClient(uri).get_metric_history(run_id, "val_miou")
     assert [(m.step, m.value) for m in history] == [(0, 0.1), (1, 0.2), (2, 0.3)]
     assert MlflowClient(uri).get_run(run_id).data.tags["resize.epoch_1"] == "2->1"
+
+
+def test_a_report_seen_late_keeps_the_time_its_epoch_ended(tmp_path):
+    """The controller logs a report when it sees it, which may be long after the worker ended the epoch (a
+    busy machine, a server that was down): the points carry the worker's time, and the time is no metric."""
+    uri = mlflow_store(tmp_path / "m.db")
+    c = MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("late")).info.run_id
+    ended = int(time.time() * 1000) - 60_000  # a minute ago
+    report = {"epoch": 0, "workers": 1, "val_miou": 0.5, ENDED_AT: ended}
+    LogMetrics(uri, run_id).after_report(None, [report], None)
+    (point,) = c.get_metric_history(run_id, "val_miou")
+    assert point.timestamp == ended and point.step == 0
+    assert ENDED_AT not in c.get_run(run_id).data.metrics
