@@ -5,9 +5,10 @@ start here)."""
 
 import ray.train
 
-# The key of each report that holds when the worker ended the epoch (ms since the epoch, as MLflow stamps):
-# the controller may see a report late (busy, or its callback waiting on a server that does not answer),
-# and the epoch's points keep this time, not the time the controller logged them.
+# The key of each epoch's metrics (its report, and its entry in the checkpoint's history) that holds when the
+# worker ended the epoch, in ms as MLflow stamps points: the controller may see a report late (a busy machine,
+# a server that did not answer), and the driver logs what it could not, at the end; both stamp the epoch's
+# points with this time, not the time they log them.
 ENDED_AT = "ended_at_ms"
 
 

@@ -249,16 +249,18 @@ class MetricBuffer:
         self.down = False
 
 
-def fill_history(uri: str, run_id: str, history: list[dict]) -> list[int]:
+def fill_history(uri: str, run_id: str, history: list[dict], stamp_key: str | None = None) -> list[int]:
     """Log the epochs of `history` (the checkpoint's record of every epoch) that the run lacks, waiting for
     the server if it is away. An epoch's batch is stored all or nothing, and holds the metric `epoch`: its
-    step present means the whole epoch is. Returns the epochs it logged."""
+    step present means the whole epoch is, stamped `h[stamp_key]` (when it ended) if given, else now. Returns
+    the epochs it logged."""
     c = client(uri)
     points = patiently(uri, "the metric history", lambda: c.get_metric_history(run_id, "epoch"))
     logged = {m.step for m in points}
     missing = [h for h in history if h["epoch"] not in logged]
     for h in missing:
-        batch = metric_batch(h, h["epoch"])
+        numbers = {k: v for k, v in h.items() if k != stamp_key}
+        batch = metric_batch(numbers, h["epoch"], h.get(stamp_key))  # stamped when the epoch ended
         patiently(uri, f"metrics of epoch {h['epoch']}", lambda b=batch: c.log_batch(run_id, metrics=b))
     return [h["epoch"] for h in missing]
 

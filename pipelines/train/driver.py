@@ -236,7 +236,7 @@ def record_run(uri: str, run_id: str, best: dict, last: str, status: str = "FINI
     """What the driver logs when training is done, waiting for the server if it is away: epochs the
     controller could not log (the server was down when training ended), the plots of the last checkpoint,
     the best; then the run's end."""
-    filled = runs.fill_history(uri, run_id, best["history"])
+    filled = runs.fill_history(uri, run_id, best["history"], stamp_key=ENDED_AT)
     if filled:
         print(f"logged the metrics of epochs {filled} from the checkpoint's history", flush=True)
     log_plots(uri, run_id, last)

@@ -182,6 +182,7 @@ def train_loop(config: dict) -> None:
         meter.all_reduce()  # sums the confusion matrices and BF sums: each image counts once
         metrics = {"epoch": epoch, "workers": world, **stats, **scores(meter, classes)}
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics[ENDED_AT] = int(time.time() * 1000)  # what MLflow stamps the epoch's points with
         history.append(metrics)  # every epoch's metrics: what MLflow lacks after an outage is logged from it
         report(plan, EpochResult(metrics, history, meter.matrix.cpu(), examples), net, optimizer)
 
@@ -216,7 +217,6 @@ def report(plan: WorkerPlan, result: EpochResult, net, optimizer) -> None:
             ckpt_io.save_validation(Path(tmp), result.confusion, result.examples)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         finite = {k: v for k, v in m.items() if not isinstance(v, float) or math.isfinite(v)}
-        finite[ENDED_AT] = int(time.time() * 1000)
         ray.train.report(finite, checkpoint=checkpoint, checkpoint_upload_mode=UPLOAD)
 
 

@@ -44,3 +44,18 @@ def test_a_report_seen_late_keeps_the_time_its_epoch_ended(tmp_path):
     (point,) = c.get_metric_history(run_id, "val_miou")
     assert point.timestamp == ended and point.step == 0
     assert ENDED_AT not in c.get_run(run_id).data.metrics
+
+
+def test_epochs_the_driver_logs_at_the_end_keep_the_time_they_ended(tmp_path):
+    """What the controller could not log (the server was still down) the driver logs from the checkpoint's
+    history when training ends: stamped when each epoch ended, as the controller would have."""
+    uri = mlflow_store(tmp_path / "m.db")
+    c = MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("filled")).info.run_id
+    ended = int(time.time() * 1000) - 60_000
+    history = [{"epoch": e, "val_miou": 0.1 * e, ENDED_AT: ended + 1000 * e} for e in range(3)]
+    runs.MetricBuffer(uri, run_id).add({"epoch": 0, "val_miou": 0.0}, step=0, stamp_ms=ended)
+    assert runs.fill_history(uri, run_id, history, stamp_key=ENDED_AT) == [1, 2]
+    stamps = {m.step: m.timestamp for m in c.get_metric_history(run_id, "val_miou")}
+    assert stamps == {e: ended + 1000 * e for e in range(3)}
+    assert ENDED_AT not in c.get_run(run_id).data.metrics
